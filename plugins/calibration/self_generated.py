@@ -1,0 +1,163 @@
+"""Self-generated calibration (RESP, Section 4.1): the model's own sampled reasoning traces.
+
+The model answers N task prompts of the train split with its standard decoding (thinking mode,
+temperature 0.6 by default), the decode length capped at ``sampling.max_new_tokens``; the
+completions are the calibration targets and the prompt tokens are masked from the loss.
+
+``regenerate`` (Section 4.3) replaces a fraction ρ of the traces with new ones from the current
+pruned model on the same prompts with the same budget.
+
+``require_correct``: keep only traces whose final answer is right, resampling a prompt up to
+``max_attempts`` times; when every attempt is wrong, fall back to the prompt's last good trace
+(from an earlier generation) or, if it never had one, keep the last attempt.  Whether to learn
+importance from wrong reasoning is the user's call; each sample's meta records what happened.
+
+Traces can be cached across runs (``cache_dir``): the cache key covers the model fingerprint,
+the prompts and the sampling settings, and the JSONL file records all of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import asdict
+from pathlib import Path
+
+from pydantic import Field
+
+from resp_core import hookimpl
+from resp_core.errors import RespError
+from resp_core.fingerprint import model_fingerprint
+from resp_core.interfaces import CalibrationSample, CalibrationSource, Params, RunContext, SamplingParams
+
+
+class SamplingSettings(Params):
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 20
+    max_new_tokens: int = 256
+    enable_thinking: bool = True
+
+    def to_sampling(self, seed: int) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              max_new_tokens=self.max_new_tokens, do_sample=self.temperature > 0,
+                              enable_thinking=self.enable_thinking, seed=seed)
+
+
+class SelfGenerated(CalibrationSource):
+    """The model's own sampled reasoning traces on task prompts (decode tokens as targets)."""
+
+    regenerable = True
+
+    class Params(Params):
+        num_samples: int = 128
+        task: str | None = None  # default: the recipe's task
+        split: str = "train"
+        sampling: SamplingSettings = Field(default_factory=SamplingSettings)
+        require_correct: bool = False
+        max_attempts: int = 4
+        cache_dir: str | None = None
+
+    def __init__(self, params: "SelfGenerated.Params | None" = None):
+        self.params = params or self.Params()
+        self._items = None
+        self._generation = 0
+
+    def check_recipe(self, recipe, path: str) -> None:
+        if self.params.num_samples < 1:
+            raise RespError(f"{path}.params.num_samples: need at least 1 sample, got {self.params.num_samples}")
+        if self.params.max_attempts < 1:
+            raise RespError(f"{path}.params.max_attempts: must be at least 1")
+
+    # --- generation ------------------------------------------------------------------------------
+    def _task_items(self, ctx: RunContext):
+        if self._items is None:
+            self._task = ctx.tasks(self.params.task)
+            self._items = self._task.items(self.params.split, self.params.num_samples, ctx.seed)
+        return self._items
+
+    def _sample(self, ctx: RunContext, indices: list[int], previous: dict[int, CalibrationSample]) -> dict[int, CalibrationSample]:
+        p = self.params
+        items = self._task_items(ctx)
+        fingerprint = model_fingerprint(ctx.model)
+        out: dict[int, CalibrationSample] = {}
+        pending = list(indices)
+        attempts = {i: 0 for i in indices}
+        for attempt in range(p.max_attempts if p.require_correct else 1):
+            if not pending:
+                break
+            seed = ctx.seed + 1000 * self._generation + 97 * attempt
+            sampling = p.sampling.to_sampling(seed)
+            label = "Generating traces" if attempt == 0 else f"Resampling wrong traces (attempt {attempt + 1})"
+            comps = ctx.generator.generate([items[i].messages for i in pending], sampling, ctx.progress, label)
+            still = []
+            for i, c in zip(pending, comps):
+                attempts[i] += 1
+                correct = self._task.is_correct(c.text, items[i])
+                out[i] = CalibrationSample(c.prompt_ids, c.completion_ids, {
+                    "item_id": items[i].id, "source": "self_generated", "text": c.text, "correct": correct,
+                    "finished": c.finished, "attempts": attempts[i], "generation": self._generation,
+                    "fingerprint": fingerprint, "seed": seed,
+                })
+                if p.require_correct and not correct:
+                    still.append(i)
+            pending = still
+        for i in pending:  # every attempt wrong: fall back to the last good trace, if any
+            prev = previous.get(i)
+            if prev is not None and prev.meta.get("correct"):
+                fallback = CalibrationSample(prev.prompt_ids, prev.target_ids, dict(prev.meta))
+                fallback.meta["fallback"] = "previous_correct_trace"
+                out[i] = fallback
+            else:
+                out[i].meta["fallback"] = "kept_wrong_trace"
+        self._generation += 1
+        return out
+
+    def _cache_key(self, ctx: RunContext) -> str:
+        items = self._task_items(ctx)
+        blob = json.dumps({
+            "fingerprint": model_fingerprint(ctx.model),
+            "prompts": [it.messages for it in items],
+            "sampling": self.params.sampling.model_dump(),
+            "require_correct": self.params.require_correct,
+            "max_attempts": self.params.max_attempts,
+            "seed": ctx.seed,
+        }, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+    def build(self, ctx: RunContext) -> list[CalibrationSample]:
+        items = self._task_items(ctx)
+        cache_file = None
+        if self.params.cache_dir:
+            cache_file = Path(self.params.cache_dir) / f"traces-{self._cache_key(ctx)}.jsonl"
+            if cache_file.is_file():
+                ctx.progress.log(f"Loaded cached traces from {cache_file}")
+                lines = cache_file.read_text().splitlines()
+                self._generation = 1
+                return [CalibrationSample.from_json(json.loads(line)) for line in lines[1:]]
+        got = self._sample(ctx, list(range(len(items))), {})
+        samples = [got[i] for i in range(len(items))]
+        if cache_file is not None:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            header = {"fingerprint": model_fingerprint(ctx.model), "sampling": self.params.sampling.model_dump(),
+                      "seed": ctx.seed, "prompts": [it.messages for it in items]}
+            tmp = cache_file.with_suffix(".tmp")
+            tmp.write_text("\n".join([json.dumps(header)] + [json.dumps(s.to_json()) for s in samples]) + "\n")
+            tmp.replace(cache_file)
+        return samples
+
+    def regenerate(self, ctx: RunContext, samples: list[CalibrationSample], fraction: float) -> list[CalibrationSample]:
+        n = len(samples)
+        k = int(round(fraction * n))
+        if k == 0:
+            return samples
+        rng = random.Random(ctx.seed * 7919 + self._generation)
+        chosen = sorted(rng.sample(range(n), k))
+        fresh = self._sample(ctx, chosen, {i: samples[i] for i in chosen})
+        return [fresh.get(i, s) for i, s in enumerate(samples)]
+
+
+@hookimpl
+def register_calibration_sources(register):
+    register("self_generated", SelfGenerated)

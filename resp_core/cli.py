@@ -1,0 +1,189 @@
+"""``respctl``: the command-line interface.
+
+Every user error (bad recipe, unknown plugin, missing path, existing run folder) is printed as
+one line on stderr with exit code 2 and no traceback; nothing is written in that case.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import RespError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="RESP: structured pruning for reasoning language models.")
+testbed_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                          help="The shipped reasoning testbed: train or evaluate it.")
+app.add_typer(testbed_app, name="testbed")
+
+console = Console()
+err_console = Console(stderr=True)
+
+DEFAULT_RECIPE = "testbed-resp.yaml"
+
+
+def user_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RespError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+    return wrapper
+
+
+def _recipe_text(recipe: Optional[Path]) -> tuple[str, str]:
+    if recipe is None:
+        text = resources.files("resp_recipes").joinpath(DEFAULT_RECIPE).read_text()
+        return text, f"(built-in) {DEFAULT_RECIPE}"
+    if not recipe.is_file():
+        raise RespError(f"recipe {recipe} does not exist")
+    return recipe.read_text(), str(recipe)
+
+
+def _load(recipe: Optional[Path]):
+    from .recipe import parse_recipe, resolve
+
+    text, source = _recipe_text(recipe)
+    parsed = parse_recipe(text, source)
+    return resolve(parsed), source
+
+
+def _default_run_dir(name: str) -> Path:
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def results_table(rows: list[dict], title: str) -> Table:
+    metric_keys = []
+    for r in rows:
+        for k in r:
+            if "/" in k and k not in metric_keys:
+                metric_keys.append(k)
+    table = Table(title=title)
+    table.add_column("step", justify="right")
+    table.add_column("sparsity", justify="right")
+    table.add_column("parameters", justify="right")
+    for k in metric_keys:
+        table.add_column(k, justify="right")
+    table.add_column("traces correct", justify="right")
+    for r in rows:
+        cells = [str(r.get("step", "")), f"{r['sparsity']:.1%}", f"{r['parameters'] / 1e6:.3f}M"]
+        for k in metric_keys:
+            v = r.get(k)
+            cells.append("" if v is None else (f"{v:.1%}" if k.endswith("accuracy") or k.endswith("finished") else f"{v:.1f}"))
+        c = r.get("calibration_correct_fraction")
+        cells.append("" if c is None else f"{c:.1%}")
+        table.add_row(*cells)
+    return table
+
+
+@app.command()
+@user_errors
+def run(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (default: the built-in testbed demo)."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (must not exist).")):
+    """Prune a model as a recipe says; write everything to a new run folder."""
+    from .pipeline import run_recipe
+    from .progress import RichProgressReporter
+    from .rundir import RunDir
+
+    resolved, source = _load(recipe)
+    run_path = out or (Path(resolved.recipe.output.dir) if resolved.recipe.output.dir else _default_run_dir(resolved.recipe.name))
+    RunDir.check_new(run_path)
+    console.print(f"[bold]RESP[/] running [cyan]{source}[/] into [cyan]{run_path}[/]")
+
+    def on_row(row):
+        accs = {k: v for k, v in row.items() if k.endswith("/accuracy")}
+        shown = ", ".join(f"{k} {v:.1%}" for k, v in accs.items())
+        console.print(f"  sparsity {row['sparsity']:.1%}: {row['parameters'] / 1e6:.3f}M parameters {shown}")
+
+    result = run_recipe(resolved, run_path, RichProgressReporter(console), on_row=on_row)
+    console.print(results_table(result.rows, f"{resolved.recipe.name}: accuracy per milestone"))
+    if result.compaction_max_abs_diff is not None:
+        console.print(f"compacted model: {result.run_dir.file('model')} "
+                      f"(max |logit diff| vs masked model: {result.compaction_max_abs_diff:.2e})")
+    console.print(f"run folder: {result.run_dir.path}")
+
+
+@app.command()
+@user_errors
+def validate(recipe: Path = typer.Argument(..., help="Recipe YAML to check.")):
+    """Check a recipe (schema, plugin names, parameters, paths) without running it."""
+    resolved, source = _load(recipe)
+    steps = resolved.schedule.steps()
+    console.print(f"[green]ok[/] {source}: {resolved.recipe.name}; scorer {resolved.recipe.scorer.name}, "
+                  f"calibration {resolved.recipe.calibration.name}, {len(steps)} steps to "
+                  f"{steps[-1].sparsity:.0%} with milestones {[s.sparsity for s in steps if s.milestone]}")
+
+
+@app.command()
+@user_errors
+def plugins(verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show each one's summary.")):
+    """List every registered implementation and where it came from."""
+    from .registry import get_registry
+
+    reg = get_registry()
+    table = Table(title="RESP plugins")
+    for col in ("kind", "name", "origin", "plugin module"):
+        table.add_column(col, no_wrap=True)
+    if verbose:
+        table.add_column("summary")
+    for kind in reg.entries:
+        for name in reg.names(kind):
+            e = reg.entries[kind][name]
+            row = [kind, name, e.origin, e.plugin] + ([e.summary] if verbose else [])
+            table.add_row(*row)
+    console.print(table)
+    for plugin, error in reg.failures:
+        err_console.print(f"[yellow]warning:[/] plugin {plugin} failed to load: {error}")
+
+
+@testbed_app.command("train")
+@user_errors
+def testbed_train(out: Path = typer.Option(Path("testbed-model"), "--out", "-o", help="Output folder (must not exist)."),
+                  steps: int = typer.Option(1500, help="Optimizer steps."),
+                  seed: int = typer.Option(0, help="Seed.")):
+    """Train the testbed reasoning model from scratch (about 25 minutes on 2 cores)."""
+    from rich.progress import Progress
+
+    from .testbed.train import TrainSettings, train
+
+    if out.exists():
+        raise RespError(f"{out} already exists (nothing was written)")
+    settings = TrainSettings(seed=seed, steps=steps)
+    with Progress(console=console) as bar:
+        tid = bar.add_task("Training testbed", total=steps)
+        record = train(out, settings, progress=lambda s, n, loss: bar.update(tid, completed=s, description=f"Training testbed (loss {loss:.3f})"))
+    console.print(f"trained {record['parameters']:,} parameters in {record['train_seconds']:.0f}s; "
+                  f"final loss {record['final_loss']:.4f}; saved to {out}")
+
+
+@testbed_app.command("evaluate")
+@user_errors
+def testbed_evaluate(model: str = typer.Option("testbed", help="'testbed' or a model folder (dense or pruned)."),
+                     num: int = typer.Option(500, help="Held-out problems."),
+                     temperature: float = typer.Option(0.6), seed: int = typer.Option(1234)):
+    """Sampled accuracy of a testbed model on held-out problems."""
+    from .testbed.evaluate import evaluate_testbed
+    from .progress import RichProgressReporter
+
+    res = evaluate_testbed(model, num, temperature, seed, RichProgressReporter(console))
+    console.print(f"accuracy {res['accuracy']:.1%} on {num} problems at T={temperature} "
+                  f"(finished {res['finished']:.1%}, mean {res['mean_tokens']:.0f} tokens)")
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""The interfaces every plugin implements, and the data passed between them.
+
+Data flows one way::
+
+    Task ──► CalibrationSource ──► CalibrationSet ──► Scorer ──► Scores ──► Allocator ──► MaskSet
+              (self-generated ones use a Generator)                                         │
+    Schedule: which sparsity each step reaches, where milestones (evaluation, regeneration) are
+    Evaluator: metrics of the current (masked) model at each milestone
+
+Each implementation class may declare a nested pydantic ``Params`` model; the recipe's
+``params:`` mapping is validated against it before anything runs, and the instance is built as
+``Class(params)``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from .model.adapter import DecoderAdapter
+from .model.masks import MaskSet
+from .model.structures import Structures
+
+
+class Params(BaseModel):
+    """Base for plugin parameter models: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------------------------------
+# Progress reporting (implemented by the CLI with rich; a no-op elsewhere)
+# --------------------------------------------------------------------------------------------------
+
+class Progress:
+    """``with progress.task("Scoring", total=n) as advance: advance(1)``"""
+
+    def task(self, description: str, total: int):
+        return _NullTask()
+
+    def log(self, message: str) -> None:
+        pass
+
+
+class _NullTask:
+    def __enter__(self):
+        return lambda n=1: None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Tasks and generation
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 20
+    max_new_tokens: int = 256
+    do_sample: bool = True
+    enable_thinking: bool = True
+    seed: int = 0
+
+
+@dataclass
+class TaskItem:
+    id: str
+    messages: list[dict]  # chat messages ending with the user turn
+    answer: str  # gold final answer, as text
+    reference: str = ""  # human-written worked solution (calibration "task data")
+    meta: dict = field(default_factory=dict)
+
+
+class Task(ABC):
+    """A reasoning task: prompts with gold answers, and how to check a completion."""
+
+    name: str = "task"
+
+    @abstractmethod
+    def items(self, split: str, count: int | None, seed: int) -> list[TaskItem]:
+        """``count`` items of ``split`` (all when None), chosen reproducibly by ``seed``."""
+
+    @abstractmethod
+    def extract_answer(self, completion: str) -> str | None:
+        """The final answer a completion commits to, or None."""
+
+    def is_correct(self, completion: str, item: TaskItem) -> bool:
+        got = self.extract_answer(completion)
+        return got is not None and got == item.answer
+
+
+@dataclass
+class Completion:
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    text: str
+    finished: bool  # ended with EOS (not cut by max_new_tokens)
+
+
+class Generator(ABC):
+    """Generation backend: batched, chat template with thinking mode, seeded sampling."""
+
+    def bind(self, model, tokenizer) -> None:
+        self.model, self.tokenizer = model, tokenizer
+
+    @abstractmethod
+    def generate(self, conversations: list[list[dict]], sampling: SamplingParams,
+                 progress: Progress | None = None, description: str = "Generating") -> list[Completion]:
+        ...
+
+
+# --------------------------------------------------------------------------------------------------
+# Calibration
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class CalibrationSample:
+    """One calibration sequence: prompt tokens then target tokens (a trace, a solution, or text).
+
+    ``prompt_ids`` may be empty (generic text); then the whole sequence is the target."""
+
+    prompt_ids: list[int]
+    target_ids: list[int]
+    meta: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"prompt_ids": self.prompt_ids, "target_ids": self.target_ids, "meta": self.meta}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "CalibrationSample":
+        return cls(list(obj["prompt_ids"]), list(obj["target_ids"]), dict(obj.get("meta", {})))
+
+
+@dataclass
+class CalibrationBatch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor  # -100 where the loss does not apply
+
+
+class CalibrationSet:
+    """The calibration samples of one step, batched for a chosen loss mask."""
+
+    def __init__(self, samples: list[CalibrationSample], pad_id: int, max_length: int | None = None):
+        self.samples = samples
+        self.pad_id = pad_id
+        self.max_length = max_length
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def batches(self, batch_size: int, loss: str = "decode") -> Iterator[CalibrationBatch]:
+        """Right-padded batches. ``loss='decode'``: labels on target tokens only (Eq. 4);
+        ``'full'``: labels on every token (the full-sequence loss of GISP and most baselines)."""
+        if loss not in ("decode", "full"):
+            raise ValueError(f"loss must be 'decode' or 'full', not {loss!r}")
+        for start in range(0, len(self.samples), batch_size):
+            chunk = self.samples[start : start + batch_size]
+            rows, labs = [], []
+            for s in chunk:
+                ids = s.prompt_ids + s.target_ids
+                lab = ([-100] * len(s.prompt_ids) if loss == "decode" else list(s.prompt_ids)) + s.target_ids
+                if self.max_length:
+                    ids, lab = ids[: self.max_length], lab[: self.max_length]
+                rows.append(ids)
+                labs.append(lab)
+            width = max(len(r) for r in rows)
+            ids_t = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+            lab_t = torch.full((len(rows), width), -100, dtype=torch.long)
+            att_t = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, (r, lb) in enumerate(zip(rows, labs)):
+                ids_t[i, : len(r)] = torch.tensor(r)
+                lab_t[i, : len(lb)] = torch.tensor(lb)
+                att_t[i, : len(r)] = 1
+            yield CalibrationBatch(ids_t, att_t, lab_t)
+
+    def target_token_count(self, loss: str = "decode") -> int:
+        """Tokens that carry a loss (after the causal shift) over the whole set."""
+        total = 0
+        for s in self.samples:
+            n = len(s.prompt_ids) + len(s.target_ids)
+            if self.max_length:
+                n = min(n, self.max_length)
+            first = len(s.prompt_ids) if loss == "decode" else 1
+            total += max(0, n - max(first, 1))
+        return total
+
+
+@dataclass
+class RunContext:
+    """What a calibration source, scorer, allocator or evaluator may use during a run."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    adapter: DecoderAdapter
+    structures: Structures
+    generator: Generator
+    tasks: Callable[[str], Task]  # name -> Task instance
+    seed: int = 0
+    device: str = "cpu"
+    progress: Progress = field(default_factory=Progress)
+    mask: MaskSet | None = None  # the current mask
+    step: int = 0
+
+
+class CalibrationSource(ABC):
+    """Produces the calibration set; regenerable sources can refresh it from the current model."""
+
+    regenerable: bool = False
+
+    @abstractmethod
+    def build(self, ctx: RunContext) -> list[CalibrationSample]:
+        ...
+
+    def regenerate(self, ctx: RunContext, samples: list[CalibrationSample], fraction: float) -> list[CalibrationSample]:
+        """Replace ``fraction`` of the samples with ones produced by the current model (same prompts)."""
+        return samples
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring, allocation, scheduling, evaluation
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class Scores:
+    """Importance per unit kind, tensors shaped like the MaskSet's ([L, n]); higher = keep.
+
+    Only kinds the run prunes need be present.  ``layer_stats`` carries optional per-layer
+    statistics an allocator may use (e.g. OWL's outlier ratios)."""
+
+    values: dict[str, torch.Tensor]
+    layer_stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Scorer(ABC):
+    """Importance of each prunable unit under the current mask.
+
+    A scorer may also edit the weights that stay when units are removed (FLAP's bias
+    compensation, SparseGPT's reconstruction) in :meth:`before_removal`."""
+
+    @abstractmethod
+    def score(self, ctx: RunContext, calibration: CalibrationSet) -> Scores:
+        ...
+
+    def before_removal(self, ctx: RunContext, old: MaskSet, new: MaskSet) -> None:
+        """Called with the current and the next mask before the next mask is applied."""
+
+
+class Allocator(ABC):
+    """Turns scores into the next (nested) mask at a target sparsity."""
+
+    @abstractmethod
+    def allocate(self, scores: Scores, structures: Structures, mask: MaskSet, target: float) -> MaskSet:
+        ...
+
+
+@dataclass
+class Step:
+    sparsity: float
+    milestone: bool
+    regenerate_fraction: float = 0.0  # fraction of traces regenerated after this step (milestones)
+
+
+class Schedule(ABC):
+    @abstractmethod
+    def steps(self) -> list[Step]:
+        ...
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]  # e.g. {"testbed_arith/accuracy": 0.96}
+    records: list[dict] = field(default_factory=list)  # per-item details, saved as JSONL
+
+
+class Evaluator(ABC):
+    @abstractmethod
+    def evaluate(self, ctx: RunContext) -> EvalResult:
+        ...

@@ -1,0 +1,170 @@
+"""Masks over a model's dense geometry: the truth during a run.
+
+A :class:`MaskSet` holds one boolean tensor per unit kind (True = kept).  Masks are exact:
+:func:`apply_mask` zeroes every weight (and bias) that a removed unit owns, so that the masked
+model computes the same function as the compacted one in which the units are gone (a removed
+head contributes nothing because its o_proj columns are zero; a removed channel because its
+down_proj column is zero; a removed layer because all its projections are zero, leaving the
+residual stream untouched).  Masks of a schedule are nested; they are saved as safetensors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .adapter import DecoderAdapter, Geometry
+
+
+class MaskSet:
+    def __init__(self, geometry: Geometry, tensors: dict[str, torch.Tensor]):
+        self.geometry = geometry
+        self.kv_group = tensors["kv_group"].bool().clone()
+        self.q_head = tensors["q_head"].bool().clone()
+        self.mlp_channel = tensors["mlp_channel"].bool().clone()
+        self.layer = tensors["layer"].bool().reshape(-1, 1).clone()
+
+    # --- construction ------------------------------------------------------------------------
+    @classmethod
+    def full(cls, g: Geometry) -> "MaskSet":
+        return cls(
+            g,
+            {
+                "kv_group": torch.ones(g.num_layers, g.num_kv_heads, dtype=torch.bool),
+                "q_head": torch.ones(g.num_layers, g.num_heads, dtype=torch.bool),
+                "mlp_channel": torch.ones(g.num_layers, g.intermediate_size, dtype=torch.bool),
+                "layer": torch.ones(g.num_layers, 1, dtype=torch.bool),
+            },
+        )
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"kv_group": self.kv_group, "q_head": self.q_head, "mlp_channel": self.mlp_channel,
+                "layer": self.layer}
+
+    def __getitem__(self, kind: str) -> torch.Tensor:
+        return self.tensors()[kind]
+
+    def clone(self) -> "MaskSet":
+        return MaskSet(self.geometry, self.tensors())
+
+    # --- semantics -----------------------------------------------------------------------------
+    def effective(self) -> "MaskSet":
+        """Propagate couplings: a dead layer kills its units, a dead KV group its query heads,
+        a KV head without live query heads is dead too."""
+        g = self.geometry
+        layer = self.layer[:, 0]
+        group = g.kv_group_of_head()
+        q = self.q_head & self.kv_group[:, group] & layer[:, None]
+        kv_has_q = torch.stack([q[:, group == k].any(dim=1) for k in range(g.num_kv_heads)], dim=1)
+        kv = self.kv_group & kv_has_q & layer[:, None]
+        mlp = self.mlp_channel & layer[:, None]
+        return MaskSet(g, {"kv_group": kv, "q_head": q, "mlp_channel": mlp, "layer": self.layer})
+
+    def is_subset_of(self, other: "MaskSet") -> bool:
+        a, b = self.effective(), other.effective()
+        return all(bool((~x | y).all()) for x, y in zip(a.tensors().values(), b.tensors().values()))
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, MaskSet):
+            return NotImplemented
+        return all(torch.equal(x, y) for x, y in zip(self.tensors().values(), other.tensors().values()))
+
+    def summary(self) -> dict:
+        e = self.effective()
+        return {
+            "q_heads_kept": e.q_head.sum(dim=1).tolist(),
+            "kv_heads_kept": e.kv_group.sum(dim=1).tolist(),
+            "mlp_channels_kept": e.mlp_channel.sum(dim=1).tolist(),
+            "layers_kept": e.layer[:, 0].tolist(),
+        }
+
+    # --- io ------------------------------------------------------------------------------------
+    def save(self, path: Path, metadata: dict | None = None) -> None:
+        meta = {k: str(v) for k, v in (metadata or {}).items()}
+        meta.update({f"geometry.{k}": str(v) for k, v in self.geometry.to_json().items()})
+        save_file({k: v.to(torch.uint8).contiguous() for k, v in self.tensors().items()}, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: Path, geometry: Geometry) -> "MaskSet":
+        return cls(geometry, {k: v.bool() for k, v in load_file(str(path)).items()})
+
+
+# --------------------------------------------------------------------------------------------------
+# Applying masks to a dense model
+# --------------------------------------------------------------------------------------------------
+
+def _rows(idx: torch.Tensor, width: int) -> torch.Tensor:
+    """Row indices of the per-unit blocks ``idx`` of size ``width``."""
+    return (idx[:, None] * width + torch.arange(width)[None, :]).reshape(-1)
+
+
+@torch.no_grad()
+def apply_mask(adapter: DecoderAdapter, mask: MaskSet) -> None:
+    """Zero, in place, every weight owned by a removed unit (see module docstring)."""
+    g = adapter.geometry
+    e = mask.effective()
+    hd = g.head_dim
+    for i in range(g.num_layers):
+        a, m = adapter.attention_parts(i), adapter.mlp_parts(i)
+        dead_q = (~e.q_head[i]).nonzero().flatten()
+        if dead_q.numel():
+            r = _rows(dead_q, hd)
+            a.q.weight[r] = 0
+            if a.q.bias is not None:
+                a.q.bias[r] = 0
+            a.o.weight[:, r] = 0
+        dead_kv = (~e.kv_group[i]).nonzero().flatten()
+        if dead_kv.numel():
+            r = _rows(dead_kv, hd)
+            for lin in (a.k, a.v):
+                lin.weight[r] = 0
+                if lin.bias is not None:
+                    lin.bias[r] = 0
+        dead_c = (~e.mlp_channel[i]).nonzero().flatten()
+        if dead_c.numel():
+            for lin in (m.gate, m.up):
+                lin.weight[dead_c] = 0
+                if lin.bias is not None:
+                    lin.bias[dead_c] = 0
+            m.down.weight[:, dead_c] = 0
+        if not bool(e.layer[i, 0]):
+            # A removed block must be the identity: output biases (e.g. FLAP's) go too.
+            for lin in (a.o, m.down):
+                if lin.bias is not None:
+                    lin.bias.zero_()
+
+
+def kept_parameter_count(adapter: DecoderAdapter, mask: MaskSet, costs: dict[str, torch.Tensor]) -> int:
+    """Parameter count the compacted model will have under ``mask``."""
+    e = mask.effective()
+    removed = 0.0
+    g = adapter.geometry
+    per_q = costs["q_head"]
+    kv_only = costs["kv_group"] - g.heads_per_group * per_q[:, :1]  # k and v rows of one KV head
+    removed += float(((~e.q_head) * per_q).sum())
+    removed += float(((~e.kv_group) * kv_only).sum())
+    removed += float(((~e.mlp_channel) * costs["mlp_channel"]).sum())
+    dense = adapter.parameter_count()
+    # A removed layer also loses its norms (and q/k norms, output biases): count them here.
+    for i in range(g.num_layers):
+        if not bool(e.layer[i, 0]):
+            layer = adapter.layers[i]
+            unit_params = sum(float(t) for t in (per_q[i].sum(), kv_only[i].sum(), costs["mlp_channel"][i].sum()))
+            total = sum(p.numel() for p in layer.parameters())
+            removed += total - unit_params
+    return int(round(dense - removed))
+
+
+def sparsity_of(mask: MaskSet, structures) -> float:
+    """Fraction of the unprotected blocks' parameters removed (the run's 'sparsity')."""
+    e = mask.effective()
+    g = structures.geometry
+    c = structures.costs
+    kv_only = c["kv_group"] - g.heads_per_group * c["q_head"][:, :1]
+    per_layer = ((~e.q_head) * c["q_head"]).sum(1) + ((~e.kv_group) * kv_only).sum(1)
+    per_layer = per_layer + ((~e.mlp_channel) * c["mlp_channel"]).sum(1)
+    per_layer = torch.where(e.layer[:, 0], per_layer, c["layer"][:, 0])
+    total = structures.prunable_parameter_total()
+    return float(per_layer.sum()) / total if total else 0.0
