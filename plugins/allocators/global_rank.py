@@ -2,7 +2,9 @@
 
 * ``global``:  every candidate unit of every unprotected layer (heads and channels together) is
   ranked by its (normalized) score; the lowest are removed until the removed parameters reach
-  the target fraction of the unprotected blocks' parameters (RESP Eq. 5, GISP).
+  the target fraction of the unprotected blocks' parameters (RESP Eq. 5, GISP).  A unit whose
+  removal would overshoot the budget by more than it closes the gap is skipped in favour of the
+  next (smaller) one, so mixed unit sizes (KV groups vs channels) land close to the target.
 * ``uniform``: every unprotected layer loses the same fraction of each unit kind, lowest scores
   first (the per-layer allocation of Wanda-sp and LLM-Pruner).
 
@@ -59,9 +61,12 @@ class GlobalRank(Allocator):
                 break
             if alive_count[kind][layer] <= min_keep:
                 continue
+            cost = float(_removal_cost(structures, kind)[layer, unit])
+            if removed + cost > budget and (removed + cost - budget) >= (budget - removed):
+                continue  # overshoots more than it helps: look for a smaller unit further down
             new[kind][layer, unit] = False
             alive_count[kind][layer] -= 1
-            removed += float(_removal_cost(structures, kind)[layer, unit])
+            removed += cost
         return new
 
 

@@ -1,0 +1,1 @@
+"""Example third-party RESP plugin (see docs/plugins.md)."""

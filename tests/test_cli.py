@@ -1,0 +1,176 @@
+"""The CLI end to end on a tiny random model, and every bad input: one line, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from resp_core.cli import app
+
+runner = CliRunner()
+
+
+def small_recipe(model_dir: Path, **overrides) -> dict:
+    recipe = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "testbed-resp.yaml").read_text())
+    recipe["model"]["path"] = str(model_dir)
+    recipe["calibration"]["params"].update(num_samples=6, sampling={"temperature": 0.6, "max_new_tokens": 12})
+    recipe["evaluation"]["evaluators"][0]["params"] = {"num_items": 6, "sampling": {"max_new_tokens": 12}}
+    recipe["schedule"]["params"].update(steps=4)
+    for dotted, value in overrides.items():
+        node = recipe
+        keys = dotted.split(".")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return recipe
+
+
+def write(tmp_path: Path, recipe, name="recipe.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(recipe if isinstance(recipe, str) else yaml.safe_dump(recipe))
+    return p
+
+
+def assert_user_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
+    joined = " ".join(lines)
+    assert "Traceback" not in result.output
+    assert joined.startswith("error:"), result.output
+    for f in fragments:
+        assert f in joined, (f, joined)
+
+
+def test_run_end_to_end(tmp_path, tiny_model_dir):
+    recipe = write(tmp_path, small_recipe(tiny_model_dir))
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", str(recipe), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "accuracy per milestone" in result.output
+    rows = json.loads((out / "metrics.json").read_text())
+    assert [r["target"] for r in rows] == [0.0, 0.1, 0.2, 0.3, 0.4]
+    assert rows[-1]["parameters"] < rows[0]["parameters"]
+    assert all(abs(r["sparsity"] - r["target"]) < 0.05 for r in rows)
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "finished"
+    assert info["compaction_max_abs_logit_diff"] <= 1e-5
+    for name in ("recipe.yaml", "model/model.safetensors", "model/resp_pruning.json", "masks/milestone_0.40.safetensors",
+                 "calibration/generation_00.jsonl", "calibration/generation_03.jsonl"):
+        assert (out / name).is_file(), name
+    # traces record what produced them
+    first = json.loads((out / "calibration" / "generation_00.jsonl").read_text().splitlines()[0])
+    assert {"fingerprint", "seed", "text", "correct"} <= set(first["meta"])
+    # the compacted model loads back with one call and matches the masked model from the masks
+    from resp_core import load_pruned
+
+    reloaded = load_pruned(out / "model")
+    assert sum(p.numel() for p in reloaded.parameters()) == info["compacted_parameters"]
+    # nested masks
+    from resp_core.model.adapter import geometry_from_config
+    from resp_core.model.masks import MaskSet
+    from transformers import AutoConfig
+
+    g = geometry_from_config(AutoConfig.from_pretrained(tiny_model_dir))
+    masks = [MaskSet.load(out / "masks" / f"milestone_{s:.2f}.safetensors", g) for s in (0.1, 0.2, 0.3, 0.4)]
+    assert all(b.is_subset_of(a) for a, b in zip(masks, masks[1:]))
+    assert not masks[0].is_subset_of(masks[-1])
+
+
+def test_validate_ok(tmp_path, tiny_model_dir):
+    result = runner.invoke(app, ["validate", str(write(tmp_path, small_recipe(tiny_model_dir)))])
+    assert result.exit_code == 0, result.output
+    assert "ok" in result.output
+
+
+def test_plugins_lists_builtins():
+    result = runner.invoke(app, ["plugins"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    for name in ("resp", "gisp", "self_generated", "task_data", "progressive", "global", "task_accuracy", "hf"):
+        assert f" {name} " in result.output, name
+    assert "built-in" in result.output
+
+
+@pytest.mark.parametrize(
+    "mutate, fragments",
+    [
+        (lambda r: "name: [unclosed\n  scorer: {", ["not valid YAML", "line"]),
+        (lambda r: "- just\n- a list\n", ["must be a YAML mapping"]),
+        (lambda r: {**r, "scorer": {"name": "rsep"}}, ["scorer", "unknown scorer 'rsep'", "did you mean 'resp'"]),
+        (lambda r: {**r, "calibration": {"name": "self_generatd"}}, ["did you mean 'self_generated'"]),
+        (lambda r: {**r, "schedule": {"name": "progressive", "params": {"target": 1.2}}},
+         ["schedule.params.target", "[0, 1)"]),
+        (lambda r: {**r, "schedule": {"name": "progressive", "params": {"target": -0.1}}}, ["schedule.params.target"]),
+        (lambda r: {**r, "schedule": {"name": "progressive", "params": {"target": 0.4, "milestones": [0.3, 0.1]}}},
+         ["milestones must be strictly increasing"]),
+        (lambda r: {**r, "model": {"path": "./no/such/model"}}, ["model.path", "does not exist"]),
+        (lambda r: {**r, "scorer": {"name": "resp", "params": {"lr": 1}}}, ["scorer.params.lr"]),
+        (lambda r: {**r, "unexpected": 1}, ["unexpected", "unknown field"]),
+        (lambda r: {**r, "calibration": {"name": "self_generated", "params": {"num_samples": 0}}},
+         ["calibration.params.num_samples"]),
+    ],
+)
+def test_bad_recipes(tmp_path, tiny_model_dir, mutate, fragments):
+    recipe = write(tmp_path, mutate(small_recipe(tiny_model_dir)))
+    out = tmp_path / "run"
+    for cmd in (["validate", str(recipe)], ["run", str(recipe), "--out", str(out)]):
+        assert_user_error(runner.invoke(app, cmd), *fragments)
+        assert not out.exists()
+
+
+def test_missing_recipe_file(tmp_path):
+    assert_user_error(runner.invoke(app, ["run", str(tmp_path / "nope.yaml")]), "does not exist")
+
+
+def test_existing_run_folder_is_not_touched(tmp_path, tiny_model_dir):
+    recipe = write(tmp_path, small_recipe(tiny_model_dir))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_user_error(runner.invoke(app, ["run", str(recipe), "--out", str(out)]), "already exists")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
+    bad = write(tmp_path, "scorer: [")
+    proc = subprocess.run([sys.executable, "-m", "resp_core.cli", "validate", str(bad)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("error:")
+
+
+def test_third_party_plugin_installed_and_used(tmp_path, tiny_model_dir):
+    """Install the example plugin package (as a user would) and run a recipe with its scorer."""
+    site = tmp_path / "site"
+    pkg = Path(__file__).parent / "example_plugin"
+    build = tmp_path / "build"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
+                    "--quiet", "--target", str(site), str(pkg)], check=True, timeout=300,
+                   env={**os.environ, "PIP_NO_CACHE_DIR": "1", "TMPDIR": str(build.parent)})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+           "COLUMNS": "200"}
+    listing = subprocess.run([sys.executable, "-m", "resp_core.cli", "plugins"], capture_output=True, text=True,
+                             env=env, timeout=300)
+    assert listing.returncode == 0, listing.stderr
+    line = next(ln for ln in listing.stdout.splitlines() if "example_fisher" in ln)
+    assert "resp-example-plugin 0.1.0" in line or "resp_example_plugin 0.1.0" in line
+    recipe = write(tmp_path, small_recipe(tiny_model_dir, **{"scorer": {"name": "example_fisher"}}))
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "resp_core.cli", "run", str(recipe), "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads((out / "metrics.json").read_text())
+    assert rows[-1]["sparsity"] == pytest.approx(0.4, abs=0.05)
+    saved = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert saved["scorer"]["name"] == "example_fisher"
