@@ -256,6 +256,10 @@ class Scorer(ABC):
 class Allocator(ABC):
     """Turns scores into the next (nested) mask at a target sparsity."""
 
+    def prepare(self, ctx: RunContext, calibration: CalibrationSet) -> None:
+        """Called before :meth:`allocate` at every step; allocators that need statistics of
+        the current model (OWL's per-layer outlier ratios) compute them here."""
+
     @abstractmethod
     def allocate(self, scores: Scores, structures: Structures, mask: MaskSet, target: float) -> MaskSet:
         ...

@@ -134,6 +134,7 @@ def run_recipe(resolved: ResolvedRecipe, run_path, progress: Progress | None = N
         ctx.step = k
         calib = CalibrationSet(samples, tokenizer.pad_token_id)
         scores = resolved.scorer.score(ctx, calib)
+        resolved.allocator.prepare(ctx, calib)
         new_mask = resolved.allocator.allocate(scores, ctx.structures, mask, step.sparsity)
         if not new_mask.is_subset_of(mask):
             raise RuntimeError("allocator revived pruned units; masks must be nested")
