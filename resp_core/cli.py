@@ -181,6 +181,57 @@ def testbed_evaluate(model: str = typer.Option("testbed", help="'testbed' or a m
                   f"(finished {res['finished']:.1%}, mean {res['mean_tokens']:.0f} tokens)")
 
 
+@app.command()
+@user_errors
+def bench(quick: bool = typer.Option(False, help="Smaller model and fewer repeats (a smoke run)."),
+          json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures to this JSON file.")):
+    """Measure scoring overhead and compaction speedup side by side (prints ratios; asserts nothing)."""
+    import json
+
+    import torch
+
+    from .bench import SpeedupConfig, compaction_speedup, random_calibration, scoring_overhead
+
+    console.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    from .loading import TESTBED_DIR
+    from .recipe import ModelSection
+
+    if (TESTBED_DIR / "model.safetensors").is_file():
+        from .loading import load_model_and_tokenizer
+
+        model, tok = load_model_and_tokenizer(ModelSection(path="testbed"))
+        label = "testbed"
+    else:
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        model = Qwen3ForCausalLM(Qwen3Config(vocab_size=512, hidden_size=96, intermediate_size=256, num_hidden_layers=6,
+                                             num_attention_heads=6, num_key_value_heads=3, head_dim=16)).eval()
+        label = "random testbed-shaped"
+    samples = random_calibration(model.config.vocab_size, 16 if quick else 64, 32, 96)
+    with console.status("Timing scoring pass vs plain forward+backward"):
+        so = scoring_overhead(model, samples, 0, 16, repeats=2 if quick else 5)
+    cfg = SpeedupConfig(layers=4, hidden=256, intermediate=768, heads=4, kv_heads=2, vocab=8000,
+                        decode_tokens=16, prefill_len=64) if quick else SpeedupConfig()
+    with console.status("Timing dense vs compacted decode and prefill"):
+        sp = compaction_speedup(cfg, repeats=2 if quick else 5)
+    table = Table(title="RESP benchmark (measured side by side in this run)")
+    table.add_column("measurement")
+    table.add_column("value", justify="right")
+    table.add_column("goal", justify="right")
+    table.add_row(f"scoring pass / plain fwd+bwd ({label} model, {so['tokens']} tokens)",
+                  f"{so['ratio']:.3f}  ({so['scoring_s']:.2f}s / {so['plain_fwd_bwd_s']:.2f}s)", "<= 1.10")
+    table.add_row("dense / compacted parameters (ideal speedup)",
+                  f"{sp['ideal_speedup']:.3f}  ({sp['dense_parameters'] / 1e6:.1f}M / {sp['compacted_parameters'] / 1e6:.1f}M)", "")
+    table.add_row("decode speedup, batch 1 (dense / compacted time)",
+                  f"{sp['decode_speedup']:.3f}  = {sp['decode_fraction_of_ideal']:.2f} of ideal", ">= 0.9 of ideal")
+    table.add_row(f"prefill speedup, batch {cfg.prefill_batch} x {cfg.prefill_len}",
+                  f"{sp['prefill_speedup']:.3f}  = {sp['prefill_fraction_of_ideal']:.2f} of ideal", ">= 0.9 of ideal")
+    table.add_row("max |logit diff| masked vs compacted", f"{sp['max_abs_logit_diff']:.1e}", "")
+    console.print(table)
+    if json_out:
+        json_out.write_text(json.dumps({"scoring_overhead": so, "compaction_speedup": sp}, indent=2))
+
+
 def main():
     app()
 
