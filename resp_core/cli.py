@@ -116,6 +116,55 @@ def run(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (default
 
 @app.command()
 @user_errors
+def compare(recipe: Path = typer.Argument(..., help="Comparison recipe YAML (methods x sparsities x seeds)."),
+            out: Optional[Path] = typer.Option(None, "--out", "-o",
+                                               help="Comparison folder; an existing one is extended.")):
+    """Run methods side by side on the same model, prompts, structures and seeds; table, CSV/JSON, report, plot."""
+    from .compare import parse_compare, resolve_compare, run_compare
+    from .progress import RichProgressReporter
+    from .report import rich_table
+
+    if not recipe.is_file():
+        raise RespError(f"recipe {recipe} does not exist")
+    cmp = parse_compare(recipe.read_text(), str(recipe))
+    resolve_compare(cmp, str(recipe))
+    folder = out or (Path(cmp.output.dir) if cmp.output.dir else _default_run_dir(cmp.name))
+    if folder.exists():
+        from .compare import check_extension
+
+        check_extension(folder, cmp)
+        console.print(f"[bold]RESP[/] extending comparison [cyan]{folder}[/]")
+    else:
+        console.print(f"[bold]RESP[/] comparing {len(cmp.methods)} methods into [cyan]{folder}[/]")
+    results = run_compare(cmp, str(recipe), folder, RichProgressReporter(console), console)
+    console.print(rich_table(results))
+    console.print(f"results: {folder / 'results.csv'}, {folder / 'results.json'}; report: {folder / 'report.md'}; "
+                  f"plot: {folder / 'accuracy.png'}")
+
+
+@app.command()
+@user_errors
+def report(run_dir: Path = typer.Argument(..., help="A finished comparison folder or run folder.")):
+    """Re-render tables, report and plot of a finished comparison (or run) without recomputing."""
+    from .compare import collect_results, write_results
+    from .report import rich_table
+    from .rundir import RunDir
+
+    if (run_dir / "compare.yaml").is_file():
+        results = collect_results(run_dir)
+        if not results["rows"]:
+            raise RespError(f"{run_dir} has no finished runs yet")
+        write_results(run_dir, results)
+        console.print(rich_table(results))
+        console.print(f"re-rendered {run_dir / 'report.md'}, {run_dir / 'accuracy.png'}, {run_dir / 'results.csv'}")
+        return
+    rd = RunDir.open_finished(run_dir)
+    rows = rd.read_json("metrics.json")
+    console.print(results_table(rows, f"{rd.read_json('run.json')['name']}: accuracy per milestone"))
+
+
+@app.command()
+@user_errors
 def validate(recipe: Path = typer.Argument(..., help="Recipe YAML to check.")):
     """Check a recipe (schema, plugin names, parameters, paths) without running it."""
     resolved, source = _load(recipe)

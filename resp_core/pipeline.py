@@ -149,6 +149,11 @@ def run_recipe(resolved: ResolvedRecipe, run_path, progress: Progress | None = N
             continue
         mask.save(run_dir.file("masks", f"milestone_{step.sparsity:.2f}.safetensors"),
                   {"target": step.sparsity, "sparsity": reached, "step": k})
+        if recipe.output.save_milestone_models:
+            milestone_model, milestone_record = compacted_copy(model, mask)
+            save_pruned(milestone_model, milestone_record, run_dir.file("models", f"milestone_{step.sparsity:.2f}"),
+                        tokenizer)
+            del milestone_model
         metrics = evaluate_point(resolved, ctx, run_dir, f"milestone_{step.sparsity:.2f}") if resolved.evaluators else {}
         record({"step": k, "sparsity": round(reached, 4), "target": step.sparsity,
                 "parameters": kept_parameter_count(ctx.adapter, mask, costs), "milestone": True,

@@ -71,6 +71,7 @@ class EvaluationSection(_Strict):
 class OutputSection(_Strict):
     dir: str | None = None  # default: runs/<name>-<timestamp>
     save_model: bool = True
+    save_milestone_models: bool = False  # also save the compacted model of every milestone (models/)
 
 
 class Recipe(_Strict):

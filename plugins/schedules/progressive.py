@@ -31,6 +31,8 @@ class Progressive(Schedule):
         steps: int = 8
         milestones: list[float] = []
         regenerate_fraction: float = 1.0  # ρ
+        # per-milestone ρ, e.g. {0.3: 0.2}: Table 3's sweep, or Table 2's "no regeneration at 30%"
+        regenerate_overrides: dict[float, float] = {}
 
         @field_validator("target")
         @classmethod
@@ -60,6 +62,11 @@ class Progressive(Schedule):
                 raise ValueError(f"milestones must be strictly increasing, got {ms}")
             if ms and ms[-1] > self.target + 1e-9:
                 raise ValueError(f"milestone {ms[-1]} is beyond the target sparsity {self.target}")
+            for m, rho in self.regenerate_overrides.items():
+                if round(m, 6) not in {round(x, 6) for x in ms}:
+                    raise ValueError(f"regenerate_overrides: {m} is not a milestone")
+                if not 0.0 <= rho <= 1.0:
+                    raise ValueError(f"regenerate_overrides: {rho} is outside [0, 1]")
             return self
 
     def __init__(self, params: "Progressive.Params"):
@@ -73,7 +80,9 @@ class Progressive(Schedule):
         out = []
         for s in sorted(points):
             is_m = s in milestones
-            regen = p.regenerate_fraction if is_m and s < round(p.target, 6) else 0.0
+            overrides = {round(m, 6): r for m, r in p.regenerate_overrides.items()}
+            rho = overrides.get(s, p.regenerate_fraction)
+            regen = rho if is_m and s < round(p.target, 6) else 0.0
             out.append(Step(sparsity=s, milestone=is_m, regenerate_fraction=regen))
         return out
 

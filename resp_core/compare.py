@@ -1,0 +1,388 @@
+"""Side-by-side comparisons: methods × sparsities × seeds on one model, task, structures and prompts.
+
+A comparison recipe names the shared parts once (model, task, structures, generator, default
+calibration, evaluators, sparsities, seeds) and lists methods (scorer, and optionally their own
+calibration source, allocator and schedule overrides).  Each method is one ordinary RESP run
+whose progressive schedule has a milestone at every sparsity, so 20/30/40% cost one pruning
+path, not three (masks are nested).  Evaluators that accept ``seeds`` sample once per seed.
+
+Folder layout::
+
+    <dir>/compare.yaml          the validated comparison recipe
+    <dir>/dense/metrics.json    the dense model, evaluated once
+    <dir>/runs/<slug>/          one run folder per method (models/ keeps each milestone's model)
+    <dir>/results.json|csv      one row per method × sparsity: mean, 95% CI, per-seed values
+    <dir>/report.md, accuracy.png
+
+Re-running ``respctl compare`` on an existing folder extends it: finished methods are kept,
+new methods are run, and new seeds are evaluated on the saved milestone models.  Changing what
+must be shared (model, task, structures, generator, seed, sparsities) is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from .errors import RespError
+from .recipe import (EvaluationSection, ModelSection, OutputSection, PluginRef, Recipe, StructuresSection, _Strict,
+                     _first_error, check_model_path, dump_recipe, resolve)
+from .rundir import RunDir, write_json
+from .stats import ci95_halfwidth, mean
+
+SHARED_FIELDS = ("model", "task", "structures", "generator", "seed", "sparsities", "calibration", "evaluators",
+                 "steps")
+
+
+class CompareMethod(_Strict):
+    label: str
+    scorer: PluginRef
+    calibration: PluginRef | None = None  # default: the comparison's calibration
+    allocator: PluginRef | None = None  # default: global
+    schedule: dict[str, Any] = Field(default_factory=dict)  # overrides of the progressive schedule's params
+    # Only to catch mistakes: a method may not prune other structures or another model.
+    model: ModelSection | None = None
+    structures: StructuresSection | None = None
+
+
+class CompareRecipe(_Strict):
+    name: str
+    seed: int = 0
+    model: ModelSection = Field(default_factory=ModelSection)
+    task: PluginRef = Field(default_factory=lambda: PluginRef(name="testbed_arith"))
+    structures: StructuresSection = Field(default_factory=StructuresSection)
+    generator: PluginRef = Field(default_factory=lambda: PluginRef(name="hf"))
+    calibration: PluginRef
+    sparsities: list[float]
+    steps: int = 8  # equal pruning steps up to the largest sparsity (plus every milestone)
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    evaluators: list[PluginRef]
+    methods: list[CompareMethod]
+    output: OutputSection = Field(default_factory=OutputSection)
+
+    @field_validator("sparsities")
+    @classmethod
+    def _sparsities(cls, v):
+        if not v:
+            raise ValueError("give at least one sparsity")
+        for s in v:
+            if not 0.0 < s < 1.0:
+                raise ValueError(f"sparsity {s} is outside (0, 1)")
+        if any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError(f"sparsities must be strictly increasing, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _methods(self):
+        labels = [m.label for m in self.methods]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"method labels must be unique, got {labels}")
+        if not self.methods:
+            raise ValueError("list at least one method")
+        if not self.seeds:
+            raise ValueError("give at least one seed")
+        return self
+
+
+def slug(label: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-") or "method"
+
+
+def parse_compare(text: str, source: str) -> CompareRecipe:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise RespError(f"{source}: not valid YAML{where}: {getattr(exc, 'problem', '') or exc}") from None
+    if not isinstance(data, dict):
+        raise RespError(f"{source}: a comparison recipe must be a YAML mapping")
+    try:
+        cmp = CompareRecipe.model_validate(data)
+    except ValidationError as exc:
+        raise RespError(f"{source}: {_first_error(exc)}") from None
+    for i, m in enumerate(cmp.methods):
+        if m.model is not None and m.model != cmp.model:
+            raise RespError(f"{source}: methods[{i}].model differs from the comparison's model "
+                            f"({m.model.path} vs {cmp.model.path}); every method must prune the same model")
+        if m.structures is not None and m.structures != cmp.structures:
+            raise RespError(f"{source}: methods[{i}].structures differs from the comparison's structures; "
+                            "every method must prune the same structures")
+    return cmp
+
+
+def _evaluators_with_seeds(cmp: CompareRecipe, registry) -> list[PluginRef]:
+    out = []
+    for i, ev in enumerate(cmp.evaluators):
+        entry = registry.get("evaluator", ev.name, f"evaluators[{i}]")
+        fields = getattr(getattr(entry.factory, "Params", None), "model_fields", {})
+        params = dict(ev.params)
+        if "seeds" in fields:
+            params["seeds"] = list(cmp.seeds)
+        out.append(PluginRef(name=ev.name, params=params))
+    return out
+
+
+def method_recipe(cmp: CompareRecipe, method: CompareMethod, registry) -> Recipe:
+    schedule = {"target": cmp.sparsities[-1], "steps": cmp.steps, "milestones": list(cmp.sparsities),
+                "regenerate_fraction": 0.0}
+    schedule.update(method.schedule)
+    return Recipe(
+        name=f"{cmp.name}-{slug(method.label)}", seed=cmp.seed, model=cmp.model, task=cmp.task,
+        structures=cmp.structures, generator=cmp.generator, calibration=method.calibration or cmp.calibration,
+        scorer=method.scorer, allocator=method.allocator or PluginRef(name="global"),
+        schedule=PluginRef(name="progressive", params=schedule),
+        evaluation=EvaluationSection(evaluate_dense=False, evaluators=_evaluators_with_seeds(cmp, registry)),
+        output=OutputSection(save_model=False, save_milestone_models=True),
+    )
+
+
+def dense_recipe(cmp: CompareRecipe, registry) -> Recipe:
+    return Recipe(name=f"{cmp.name}-dense", seed=cmp.seed, model=cmp.model, task=cmp.task, structures=cmp.structures,
+                  generator=cmp.generator, calibration=cmp.calibration, scorer=PluginRef(name="resp"),
+                  schedule=PluginRef(name="oneshot", params={"target": 0.0}),
+                  evaluation=EvaluationSection(evaluators=_evaluators_with_seeds(cmp, registry)))
+
+
+def resolve_compare(cmp: CompareRecipe, source: str):
+    """Build every method's recipe and resolve it (plugin names, params, paths) before running."""
+    from .registry import get_registry
+
+    reg = get_registry()
+    check_model_path(cmp.model.path)
+    resolved = []
+    for i, m in enumerate(cmp.methods):
+        r = method_recipe(cmp, m, reg)
+        try:
+            resolved.append((m, resolve(r, reg)))
+        except RespError as exc:
+            raise RespError(f"{source}: methods[{i}] ({m.label}): {exc}") from None
+    return resolved
+
+
+def _shared_view(cmp: CompareRecipe) -> dict:
+    d = cmp.model_dump(mode="json")
+    return {k: d[k] for k in SHARED_FIELDS}
+
+
+def check_extension(folder: Path, cmp: CompareRecipe) -> None:
+    saved_file = folder / "compare.yaml"
+    if not saved_file.is_file():
+        raise RespError(f"{folder} exists and is not a comparison folder (no compare.yaml); choose another --out")
+    saved = CompareRecipe.model_validate(yaml.safe_load(saved_file.read_text()))
+    old, new = _shared_view(saved), _shared_view(cmp)
+    for key in SHARED_FIELDS:
+        if key == "evaluators":
+            continue
+        if old[key] != new[key]:
+            raise RespError(f"{folder}: this comparison was made with a different {key}; "
+                            f"extend it only with new methods or seeds (nothing was changed)")
+    old_ev = [{"name": e["name"], "params": {k: v for k, v in e["params"].items() if k != "seeds"}} for e in old["evaluators"]]
+    new_ev = [{"name": e["name"], "params": {k: v for k, v in e["params"].items() if k != "seeds"}} for e in new["evaluators"]]
+    if old_ev != new_ev:
+        raise RespError(f"{folder}: this comparison was made with different evaluators; extend it only with new "
+                        "methods or seeds (nothing was changed)")
+    for m_old in saved.methods:
+        for m_new in cmp.methods:
+            if m_old.label == m_new.label and m_old.model_dump() != m_new.model_dump():
+                raise RespError(f"{folder}: method {m_old.label!r} is already in this comparison with other "
+                                "settings; give the new one another label")
+
+
+# --------------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------------
+
+SEED_KEY = re.compile(r"^(?P<metric>.+/accuracy)@seed(?P<seed>-?\d+)$")
+
+
+def _per_seed(metrics: dict) -> dict[str, dict[int, float]]:
+    out: dict[str, dict[int, float]] = {}
+    for k, v in metrics.items():
+        m = SEED_KEY.match(k)
+        if m:
+            out.setdefault(m.group("metric"), {})[int(m.group("seed"))] = float(v)
+    if not out:
+        for k, v in metrics.items():
+            if k.endswith("/accuracy"):
+                out[k] = {-1: float(v)}
+    return out
+
+
+def collect_results(folder: Path) -> dict:
+    """Rows (method × sparsity) from the finished runs in a comparison folder."""
+    cmp = CompareRecipe.model_validate(yaml.safe_load((folder / "compare.yaml").read_text()))
+    rows = []
+
+    def add(method: str, row: dict, extra: dict[str, dict[int, float]]):
+        seeds = _per_seed(row)
+        for metric, more in extra.items():
+            seeds.setdefault(metric, {}).update(more)
+        for metric, per_seed in seeds.items():
+            vals = [per_seed[s] for s in sorted(per_seed)]
+            rows.append({
+                "method": method, "target": row["target"], "sparsity": row["sparsity"],
+                "parameters": row["parameters"], "metric": metric, "mean": mean(vals),
+                "ci95": ci95_halfwidth(vals), "n_seeds": len(vals),
+                "per_seed": {str(s): per_seed[s] for s in sorted(per_seed)},
+            })
+
+    dense_file = folder / "dense" / "metrics.json"
+    if dense_file.is_file():
+        dense_rows = json.loads(dense_file.read_text())
+        extra = json.loads((folder / "dense" / "extra_seeds.json").read_text()) if (folder / "dense" / "extra_seeds.json").is_file() else {}
+        for r in dense_rows[:1]:
+            add("dense", r, {k: {int(s): v for s, v in d.items()} for k, d in extra.get("0.00", {}).items()})
+    for m in cmp.methods:
+        run = folder / "runs" / slug(m.label)
+        if not (run / "run.json").is_file() or json.loads((run / "run.json").read_text()).get("status") != "finished":
+            continue
+        extra_all = json.loads((run / "extra_seeds.json").read_text()) if (run / "extra_seeds.json").is_file() else {}
+        for r in json.loads((run / "metrics.json").read_text()):
+            extra = extra_all.get(f"{r['target']:.2f}", {})
+            add(m.label, r, {k: {int(s): v for s, v in d.items()} for k, d in extra.items()})
+    info = {
+        "name": cmp.name, "model": cmp.model.path, "task": cmp.task.model_dump(), "seeds": cmp.seeds,
+        "sparsities": cmp.sparsities, "structures": cmp.structures.model_dump(),
+        "calibration": cmp.calibration.model_dump(),
+        "methods": [m.model_dump(exclude_none=True) for m in cmp.methods],
+    }
+    for run_json in sorted(folder.glob("runs/*/run.json")):
+        meta = json.loads(run_json.read_text())
+        info.setdefault("commit", meta.get("commit"))
+        info.setdefault("model_fingerprint", meta.get("model_fingerprint"))
+        info.setdefault("torch", meta.get("torch"))
+    return {"info": info, "rows": rows}
+
+
+def write_results(folder: Path, results: dict) -> None:
+    import csv
+
+    write_json(folder / "results.json", results)
+    with open(folder / "results.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["method", "target", "sparsity", "parameters", "metric", "mean", "ci95", "n_seeds", "per_seed"])
+        for r in results["rows"]:
+            w.writerow([r["method"], r["target"], r["sparsity"], r["parameters"], r["metric"], f"{r['mean']:.6f}",
+                        "" if r["ci95"] != r["ci95"] else f"{r['ci95']:.6f}", r["n_seeds"],
+                        ";".join(f"{k}:{v:.4f}" for k, v in r["per_seed"].items())])
+    from .report import render_markdown, render_plot
+
+    render_plot(results, folder / "accuracy.png")
+    (folder / "report.md").write_text(render_markdown(results, plot="accuracy.png"))
+
+
+def run_compare(cmp: CompareRecipe, source: str, folder: Path, progress, console=None) -> dict:
+    from .loading import load_model_and_tokenizer
+    from .pipeline import build_context, evaluate_point, run_recipe
+    from .registry import get_registry
+
+    resolved_methods = resolve_compare(cmp, source)
+    reg = get_registry()
+    if folder.exists():
+        check_extension(folder, cmp)
+        saved = CompareRecipe.model_validate(yaml.safe_load((folder / "compare.yaml").read_text()))
+        known = {m.label for m in saved.methods}
+        merged = saved.model_copy(update={
+            "methods": saved.methods + [m for m in cmp.methods if m.label not in known],
+            "seeds": saved.seeds + [s for s in cmp.seeds if s not in saved.seeds],
+        })
+    else:
+        folder.mkdir(parents=True)
+        merged = cmp
+    (folder / "compare.yaml").write_text(yaml.safe_dump(merged.model_dump(mode="json", exclude_none=True), sort_keys=False))
+    (folder / "runs").mkdir(exist_ok=True)
+
+    def say(msg):
+        if console is not None:
+            console.print(msg)
+
+    # dense, evaluated once
+    dense_dir = folder / "dense"
+    if not (dense_dir / "metrics.json").is_file():
+        say("[bold]dense[/]: evaluating")
+        dr = resolve(dense_recipe(merged, reg), reg)
+        model, tok = load_model_and_tokenizer(merged.model)
+        dense_dir.mkdir(exist_ok=True)
+        (dense_dir / "eval").mkdir(exist_ok=True)
+        ctx = build_context(dr, model, tok, progress)
+        metrics = evaluate_point(dr, ctx, RunDir(dense_dir), "dense")
+        params = ctx.adapter.parameter_count()
+        write_json(dense_dir / "metrics.json", [{"step": 0, "sparsity": 0.0, "target": 0.0, "parameters": params,
+                                                  **metrics}])
+    else:
+        _extend_seeds(merged, dense_dir, None, progress, reg)
+
+    for method, res in resolved_methods:
+        run = folder / "runs" / slug(method.label)
+        info = run / "run.json"
+        if info.is_file() and json.loads(info.read_text()).get("status") == "finished":
+            _extend_seeds(merged, run, method, progress, reg)
+            continue
+        if run.exists():  # an unfinished run: start it again
+            import shutil
+
+            shutil.rmtree(run)
+        say(f"[bold]{method.label}[/]: pruning to {', '.join(f'{s:.0%}' for s in merged.sparsities)}")
+        res = resolve(method_recipe(merged, method, reg), reg)
+        run_recipe(res, run, progress)
+    results = collect_results(folder)
+    write_results(folder, results)
+    return results
+
+
+def _extend_seeds(cmp: CompareRecipe, run: Path, method: CompareMethod | None, progress, reg) -> None:
+    """Evaluate seeds not yet in a finished run, on its saved milestone models (or the dense model)."""
+    from .loading import load_model_and_tokenizer
+    from .model.compaction import load_pruned
+    from .pipeline import build_context
+
+    rows = json.loads((run / "metrics.json").read_text())
+    extra_file = run / "extra_seeds.json"
+    extra = json.loads(extra_file.read_text()) if extra_file.is_file() else {}
+    for row in rows:
+        key = f"{row['target']:.2f}"
+        have = set()
+        for metric, per in _per_seed(row).items():
+            have |= set(per)
+        for metric, per in extra.get(key, {}).items():
+            have |= {int(s) for s in per}
+        missing = [s for s in cmp.seeds if s not in have]
+        if not missing:
+            continue
+        sub = cmp.model_copy(update={"seeds": missing})
+        rec = dense_recipe(sub, reg) if method is None else method_recipe(sub, method, reg)
+        res = resolve(rec, reg)
+        model, tok = load_model_and_tokenizer(cmp.model)
+        if method is not None:
+            model = load_pruned(run / "models" / f"milestone_{row['target']:.2f}")
+        ctx = build_context(res, model, tok, progress) if method is None else _eval_context(res, model, tok, progress)
+        for _, ev in res.evaluators:
+            metrics = ev.evaluate(ctx).metrics
+            for metric, per in _per_seed(metrics).items():
+                extra.setdefault(key, {}).setdefault(metric, {}).update({str(s): v for s, v in per.items()})
+        write_json(extra_file, extra)
+
+
+def _eval_context(resolved, model, tokenizer, progress):
+    """A context for evaluating a compacted model (no structures: nothing is pruned further)."""
+    from .interfaces import RunContext
+
+    resolved.generator.bind(model, tokenizer)
+    recipe = resolved.recipe
+    tasks_cache = {recipe.task.name: resolved.task}
+
+    def tasks(name=None):
+        name = name or recipe.task.name
+        if name not in tasks_cache:
+            tasks_cache[name] = resolved.registry.create("task", name, {}, f"task {name}")
+        return tasks_cache[name]
+
+    return RunContext(model=model, tokenizer=tokenizer, adapter=None, structures=None, generator=resolved.generator,
+                      tasks=tasks, seed=recipe.seed, device=recipe.model.device, progress=progress)
