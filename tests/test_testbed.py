@@ -1,0 +1,87 @@
+"""The testbed: task generator, tokenizer/chat template, and the shipped model (integration)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from resp_core.testbed import task
+
+
+def test_problems_are_seeded_and_splits_disjoint():
+    a = task.problems(0, 200, "train")
+    assert a == task.problems(0, 200, "train")
+    test = task.problems(0, 200, "test")
+    assert set(a).isdisjoint(test)
+    for p in a + test:
+        assert task.MIN_STEPS <= len(p.operands) <= task.MAX_STEPS
+        assert all(10 <= abs(b) <= 99 for b in p.operands)
+        total = p.start
+        for b in p.operands:
+            total += b
+            assert 0 <= total <= 299
+        assert total == p.answer
+
+
+def test_thinking_traces_vary_and_are_correct():
+    p = task.Problem(47, (23, -15, 38))
+    rng = random.Random(0)
+    traces = {task.thinking_response(p, rng) for _ in range(50)}
+    assert len(traces) > 10  # several orders, phrasings and optional checks
+    for t in traces:
+        assert t.startswith("<think>\n") and "</think>" in t
+        assert task.extract_answer(t) == 93
+    assert any("additions" in t or "add everything" in t for t in traces)
+    assert any("Check:" in t for t in traces)
+    ref = task.reference_solution(p)
+    assert ref == "47+23=70, 70-15=55, 55+38=93 #### 93"
+    assert task.extract_answer(ref) == 93
+
+
+def test_answer_extraction():
+    assert task.extract_answer("<think>\n1 + 2 = 3.\nThe answer is 5\n</think>\n\nThe answer is 3.") == 3
+    assert task.extract_answer("<think>The answer is 3</think> nothing") is None
+    assert task.extract_answer("12+3=15 #### 15") == 15
+    assert task.extract_answer("") is None
+
+
+def test_tokenizer_specials_and_chat_template(testbed_tokenizer):
+    tok = testbed_tokenizer
+    for special in ("<|im_start|>", "<|im_end|>", "<think>", "</think>", "<|endoftext|>"):
+        ids = tok(special, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1, special
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    msgs = [{"role": "user", "content": "What is 12 + 30?"}]
+    thinking = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, enable_thinking=True)
+    plain = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    assert thinking == "<|im_start|>user\nWhat is 12 + 30?<|im_end|>\n<|im_start|>assistant\n"
+    assert plain == thinking + "<think>\n\n</think>\n\n"
+    # digits are single tokens; any text round-trips (byte-level fallback)
+    pieces = tok.convert_ids_to_tokens(tok("1234", add_special_tokens=False)["input_ids"])
+    assert len(pieces) == 4
+    text = "Janet’s ducks lay 16 eggs — 3/4 of them π"
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_shipped_model_is_a_capable_reasoner(testbed_available):
+    """The shipped weights answer held-out problems at temperature 0.6 (full bar: docs/testbed.md)."""
+    from resp_core.testbed.evaluate import evaluate_testbed
+
+    res = evaluate_testbed("testbed", num=100, temperature=0.6, seed=7)
+    assert res["accuracy"] >= 0.9, res["accuracy"]
+    assert res["finished"] >= 0.95
+    thinking = [c for c in res["completions"] if c.startswith("<think>")]
+    assert len(thinking) >= 90  # it reasons in thinking mode
+    assert len(set(res["completions"])) > 80  # sampled traces differ
+
+
+def test_shipped_model_metadata(testbed_available):
+    record = json.loads((testbed_available / "training.json").read_text())
+    assert record["settings"]["num_kv_heads"] < record["settings"]["num_heads"]  # GQA
+    assert record["settings"]["num_layers"] >= 6
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(testbed_available)
+    assert cfg.model_type == "qwen3" and cfg.head_dim == record["settings"]["head_dim"]
