@@ -53,7 +53,8 @@ AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)  # same masks as
 class EmptyAttention(nn.Module):
     """Attention with every head removed: contributes its output bias (or zero) only.
 
-    It still appends zero-width K/V to the cache so that cache lengths stay right."""
+    It still appends a one-head zero K/V to the cache so that cache lengths stay right (a zero-width
+    tensor has numel 0, which transformers' DynamicLayer.get_seq_length reads as an empty cache)."""
 
     def __init__(self, layer_idx: int, hidden_size: int, head_dim: int, bias: torch.Tensor | None):
         super().__init__()
@@ -67,7 +68,7 @@ class EmptyAttention(nn.Module):
         cache = cache if cache is not None else past_key_values
         b, t, _ = hidden_states.shape
         if cache is not None:
-            empty = hidden_states.new_zeros(b, 0, t, self.head_dim)
+            empty = hidden_states.new_zeros(b, 1, t, self.head_dim)
             cache.update(empty, empty, self.layer_idx)
         out = hidden_states.new_zeros(b, t, self.hidden_size)
         if self.o_bias is not None:

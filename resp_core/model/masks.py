@@ -147,13 +147,20 @@ def kept_parameter_count(adapter: DecoderAdapter, mask: MaskSet, costs: dict[str
     removed += float(((~e.kv_group) * kv_only).sum())
     removed += float(((~e.mlp_channel) * costs["mlp_channel"]).sum())
     dense = adapter.parameter_count()
-    # A removed layer also loses its norms (and q/k norms, output biases): count them here.
+    # Parameters no unit owns: a removed layer loses its norms, q/k norms and output biases; an
+    # attention left without heads (compacted to EmptyAttention) loses its q/k norms but keeps
+    # its o_proj bias.
     for i in range(g.num_layers):
         if not bool(e.layer[i, 0]):
             layer = adapter.layers[i]
             unit_params = sum(float(t) for t in (per_q[i].sum(), kv_only[i].sum(), costs["mlp_channel"][i].sum()))
             total = sum(p.numel() for p in layer.parameters())
             removed += total - unit_params
+        elif not bool(e.q_head[i].any()):
+            attn = adapter.attention(i)
+            a = adapter.attention_parts(i)
+            owned = {id(p) for lin in (a.q, a.k, a.v) for p in lin.parameters()} | {id(a.o.weight)}
+            removed += sum(p.numel() for p in attn.parameters() if id(p) not in owned and p is not a.o.bias)
     return int(round(dense - removed))
 
 
