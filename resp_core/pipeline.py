@@ -16,6 +16,7 @@ Everything is recorded in the run folder as it happens.
 
 from __future__ import annotations
 
+import json
 import platform
 import time
 from dataclasses import dataclass, field
@@ -62,13 +63,16 @@ def build_context(resolved: ResolvedRecipe, model, tokenizer, progress: Progress
     adapter = adapter_for(model)
     structures = build_structures(adapter, recipe.structures.spec())
     resolved.generator.bind(model, tokenizer)
-    tasks_cache = {recipe.task.name: resolved.task}
+    tasks_cache = {(recipe.task.name, "{}"): resolved.task}
 
-    def tasks(name: str | None):
+    def tasks(name: str | None, params: dict | None = None):
+        """The task ``name`` (default: the recipe's) built with ``params``; without params the
+        recipe's own task instance (with the recipe's task params) when the name is the recipe's."""
         name = name or recipe.task.name
-        if name not in tasks_cache:
-            tasks_cache[name] = resolved.registry.create("task", name, {}, f"task {name}")
-        return tasks_cache[name]
+        key = (name, json.dumps(params or {}, sort_keys=True, default=str))
+        if key not in tasks_cache:
+            tasks_cache[key] = resolved.registry.create("task", name, params or {}, f"task {name}")
+        return tasks_cache[key]
 
     return RunContext(model=model, tokenizer=tokenizer, adapter=adapter, structures=structures,
                       generator=resolved.generator, tasks=tasks, seed=recipe.seed,

@@ -59,7 +59,7 @@ class GlobalRank(Allocator):
         for val, kind, layer, unit in entries:
             if removed >= budget:
                 break
-            if alive_count[kind][layer] <= min_keep:
+            if kind != "layer" and alive_count[kind][layer] <= min_keep:  # min_keep: units within a layer
                 continue
             cost = float(_removal_cost(structures, kind)[layer, unit])
             if removed + cost > budget and (removed + cost - budget) >= (budget - removed):

@@ -53,6 +53,7 @@ class SelfGenerated(CalibrationSource):
     class Params(Params):
         num_samples: int = 128
         task: str | None = None  # default: the recipe's task
+        task_params: dict | None = None  # e.g. {data_dir: ...}; default: the recipe task's params
         split: str = "train"
         sampling: SamplingSettings = Field(default_factory=SamplingSettings)
         require_correct: bool = False
@@ -69,11 +70,14 @@ class SelfGenerated(CalibrationSource):
             raise RespError(f"{path}.params.num_samples: need at least 1 sample, got {self.params.num_samples}")
         if self.params.max_attempts < 1:
             raise RespError(f"{path}.params.max_attempts: must be at least 1")
+        from resp_plugins.calibration.task_data import check_task_ref
+
+        check_task_ref(recipe, path, self.params.task, self.params.task_params)
 
     # --- generation ------------------------------------------------------------------------------
     def _task_items(self, ctx: RunContext):
         if self._items is None:
-            self._task = ctx.tasks(self.params.task)
+            self._task = ctx.tasks(self.params.task, self.params.task_params)
             self._items = self._task.items(self.params.split, self.params.num_samples, ctx.seed)
         return self._items
 
