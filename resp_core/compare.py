@@ -362,27 +362,9 @@ def _extend_seeds(cmp: CompareRecipe, run: Path, method: CompareMethod | None, p
         model, tok = load_model_and_tokenizer(cmp.model)
         if method is not None:
             model = load_pruned(run / "models" / f"milestone_{row['target']:.2f}")
-        ctx = build_context(res, model, tok, progress) if method is None else _eval_context(res, model, tok, progress)
+        ctx = build_context(res, model, tok, progress, prunable=method is None)
         for _, ev in res.evaluators:
             metrics = ev.evaluate(ctx).metrics
             for metric, per in _per_seed(metrics).items():
                 extra.setdefault(key, {}).setdefault(metric, {}).update({str(s): v for s, v in per.items()})
         write_json(extra_file, extra)
-
-
-def _eval_context(resolved, model, tokenizer, progress):
-    """A context for evaluating a compacted model (no structures: nothing is pruned further)."""
-    from .interfaces import RunContext
-
-    resolved.generator.bind(model, tokenizer)
-    recipe = resolved.recipe
-    tasks_cache = {recipe.task.name: resolved.task}
-
-    def tasks(name=None):
-        name = name or recipe.task.name
-        if name not in tasks_cache:
-            tasks_cache[name] = resolved.registry.create("task", name, {}, f"task {name}")
-        return tasks_cache[name]
-
-    return RunContext(model=model, tokenizer=tokenizer, adapter=None, structures=None, generator=resolved.generator,
-                      tasks=tasks, seed=recipe.seed, device=recipe.model.device, progress=progress)

@@ -202,7 +202,7 @@ class RunContext:
     adapter: DecoderAdapter
     structures: Structures
     generator: Generator
-    tasks: Callable[[str], Task]  # name -> Task instance
+    tasks: Callable[..., Task]  # tasks(name=None, params=None) -> Task instance
     seed: int = 0
     device: str = "cpu"
     progress: Progress = field(default_factory=Progress)

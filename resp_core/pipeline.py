@@ -58,25 +58,33 @@ def _trace_stats(samples) -> dict:
     return out
 
 
-def build_context(resolved: ResolvedRecipe, model, tokenizer, progress: Progress) -> RunContext:
+def task_factory(resolved: ResolvedRecipe):
+    """``tasks(name=None, params=None)``: the task ``name`` (default: the recipe's) built with
+    ``params``; without params, the recipe's own task instance when the name is the recipe's."""
     recipe = resolved.recipe
-    adapter = adapter_for(model)
-    structures = build_structures(adapter, recipe.structures.spec())
-    resolved.generator.bind(model, tokenizer)
-    tasks_cache = {(recipe.task.name, "{}"): resolved.task}
+    cache = {(recipe.task.name, "{}"): resolved.task}
 
-    def tasks(name: str | None, params: dict | None = None):
-        """The task ``name`` (default: the recipe's) built with ``params``; without params the
-        recipe's own task instance (with the recipe's task params) when the name is the recipe's."""
+    def tasks(name: str | None = None, params: dict | None = None):
         name = name or recipe.task.name
         key = (name, json.dumps(params or {}, sort_keys=True, default=str))
-        if key not in tasks_cache:
-            tasks_cache[key] = resolved.registry.create("task", name, params or {}, f"task {name}")
-        return tasks_cache[key]
+        if key not in cache:
+            cache[key] = resolved.registry.create("task", name, params or {}, f"task {name}")
+        return cache[key]
 
+    return tasks
+
+
+def build_context(resolved: ResolvedRecipe, model, tokenizer, progress: Progress, prunable: bool = True) -> RunContext:
+    """The run context for ``model``. ``prunable=False`` for an already compacted model that is
+    only evaluated (it has per-layer widths, so no adapter geometry or structures)."""
+    recipe = resolved.recipe
+    resolved.generator.bind(model, tokenizer)
+    adapter = adapter_for(model) if prunable else None
+    structures = build_structures(adapter, recipe.structures.spec()) if prunable else None
     return RunContext(model=model, tokenizer=tokenizer, adapter=adapter, structures=structures,
-                      generator=resolved.generator, tasks=tasks, seed=recipe.seed,
-                      device=recipe.model.device, progress=progress, mask=MaskSet.full(adapter.geometry))
+                      generator=resolved.generator, tasks=task_factory(resolved), seed=recipe.seed,
+                      device=recipe.model.device, progress=progress,
+                      mask=MaskSet.full(adapter.geometry) if prunable else None)
 
 
 def evaluate_point(resolved: ResolvedRecipe, ctx: RunContext, run_dir: RunDir, label: str) -> dict:

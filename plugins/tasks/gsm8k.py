@@ -22,6 +22,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from resp_core import hookimpl
+from resp_plugins.tasks.answer_text import after_think, boxed_contents
 from resp_core.errors import RespError
 from resp_core.interfaces import Params, Task, TaskItem
 
@@ -117,28 +118,6 @@ def _as_float(s: str | None) -> float | None:
 # Answer extraction
 # --------------------------------------------------------------------------------------------------
 
-def _after_think(text: str) -> str:
-    """The text after the last ``</think>`` (the whole text when there is none)."""
-    i = text.rfind("</think>")
-    return text if i < 0 else text[i + len("</think>"):]
-
-
-def boxed_contents(text: str) -> list[str]:
-    """Contents of every ``\\boxed{...}`` (and ``\\fbox{...}``) in ``text``, braces balanced."""
-    out = []
-    for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
-        depth, i = 1, m.end()
-        while i < len(text) and depth:
-            if text[i] == "{":
-                depth += 1
-            elif text[i] == "}":
-                depth -= 1
-            i += 1
-        if depth == 0:
-            out.append(text[m.end(): i - 1])
-    return out
-
-
 # "#### N" only when a number follows (not a markdown heading such as "#### Step 1")
 _HASHES_RE = re.compile(r"####[ \t]*((?:\\?\$)?[ \t]*[-−]?[ \t]*\.?\d[^\n]*)")
 _ANSWER_IS_RE = re.compile(
@@ -154,7 +133,7 @@ def extract_strict(text: str) -> str | None:
     (also ``answer: N``).  Only the text after the last ``</think>`` is read."""
     if not text:
         return None
-    tail = _after_think(text)
+    tail = after_think(text)
     boxes = boxed_contents(tail)
     if boxes:  # a last box holding no number falls through to the other forms
         got = normalize_number(boxes[-1])
@@ -175,7 +154,7 @@ def extract_flexible(text: str) -> str | None:
     """The normalized last number in the text after the last ``</think>``, or None."""
     if not text:
         return None
-    found = _FLEX_RE.findall(_after_think(text))
+    found = _FLEX_RE.findall(after_think(text))
     for cand in reversed(found):
         got = normalize_number(cand)
         if got is not None:

@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 
 from resp_core import hookimpl
+from resp_plugins.tasks.answer_text import after_think, boxed_contents
 from resp_core.errors import RespError
 from resp_core.interfaces import Params, Task, TaskItem
 
@@ -113,26 +114,6 @@ def parse_options(s: str) -> dict[str, str]:
 # Answer extraction
 # --------------------------------------------------------------------------------------------------
 
-def _after_think(text: str) -> str:
-    i = text.rfind("</think>")
-    return text if i < 0 else text[i + len("</think>"):]
-
-
-def _boxed_contents(text: str) -> list[str]:
-    out = []
-    for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
-        depth, i = 1, m.end()
-        while i < len(text) and depth:
-            if text[i] == "{":
-                depth += 1
-            elif text[i] == "}":
-                depth -= 1
-            i += 1
-        if depth == 0:
-            out.append(text[m.end(): i - 1])
-    return out
-
-
 _LATEX_TEXT_RE = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox)\s*\{([^{}]*)\}")
 _BOX_LETTER_RE = re.compile(
     r"^(?:(?:option|choice)\s*)?[(\[]?\s*([a-eA-E])\s*(?:[)\]]|[.:,]|\s|$)", re.IGNORECASE
@@ -160,8 +141,8 @@ def extract_letter(text: str) -> str | None:
     "answer is x" / "answer: x", else the last standalone "(x)"."""
     if not text:
         return None
-    tail = _after_think(text)
-    boxes = _boxed_contents(tail)
+    tail = after_think(text)
+    boxes = boxed_contents(tail)
     if boxes:
         got = _box_letter(boxes[-1])
         if got:
