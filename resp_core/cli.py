@@ -166,7 +166,22 @@ def report(run_dir: Path = typer.Argument(..., help="A finished comparison folde
 @app.command()
 @user_errors
 def validate(recipe: Path = typer.Argument(..., help="Recipe YAML to check.")):
-    """Check a recipe (schema, plugin names, parameters, paths) without running it."""
+    """Check a recipe or a comparison recipe (schema, plugin names, parameters, paths) without running it."""
+    import yaml
+
+    text, source = _recipe_text(recipe)
+    try:
+        is_compare = isinstance(yaml.safe_load(text), dict) and "methods" in yaml.safe_load(text)
+    except yaml.YAMLError:
+        is_compare = False
+    if is_compare:
+        from .compare import parse_compare, resolve_compare
+
+        cmp = parse_compare(text, source)
+        resolve_compare(cmp, source)
+        console.print(f"[green]ok[/] {source}: comparison {cmp.name}; {len(cmp.methods)} methods at "
+                      f"{[f'{s:.0%}' for s in cmp.sparsities]}, seeds {cmp.seeds}")
+        return
     resolved, source = _load(recipe)
     steps = resolved.schedule.steps()
     console.print(f"[green]ok[/] {source}: {resolved.recipe.name}; scorer {resolved.recipe.scorer.name}, "
@@ -214,6 +229,16 @@ def testbed_train(out: Path = typer.Option(Path("testbed-model"), "--out", "-o",
         record = train(out, settings, progress=lambda s, n, loss: bar.update(tid, completed=s, description=f"Training testbed (loss {loss:.3f})"))
     console.print(f"trained {record['parameters']:,} parameters in {record['train_seconds']:.0f}s; "
                   f"final loss {record['final_loss']:.4f}; saved to {out}")
+
+
+@testbed_app.command("generic-text")
+@user_errors
+def testbed_generic_text(out: Path = typer.Argument(Path("runs/generic.txt"), help="Output .txt file.")):
+    """Write an offline stand-in for generic text (stdlib documentation) for c4/wikitext local_path."""
+    from .testbed.generic_text import write_generic_text
+
+    n = write_generic_text(out)
+    console.print(f"wrote {n:,} characters of generic English text to {out}")
 
 
 @testbed_app.command("evaluate")
