@@ -41,6 +41,7 @@ BUILTIN_PLUGINS = (
     "resp_plugins.allocators.owl",
     "resp_plugins.schedules.progressive",
     "resp_plugins.evaluators.task_accuracy",
+    "resp_plugins.evaluators.lm_eval_harness",
 )
 
 # kind (as written in recipes and `respctl plugins`) -> hook name
