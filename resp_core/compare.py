@@ -199,7 +199,7 @@ def check_extension(folder: Path, cmp: CompareRecipe) -> None:
 # Results
 # --------------------------------------------------------------------------------------------------
 
-SEED_KEY = re.compile(r"^(?P<metric>.+/accuracy)@seed(?P<seed>-?\d+)$")
+SEED_KEY = re.compile(r"^(?P<metric>.+)@seed(?P<seed>-?\d+)$")
 
 
 def _per_seed(metrics: dict) -> dict[str, dict[int, float]]:

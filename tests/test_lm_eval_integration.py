@@ -276,7 +276,7 @@ def test_num_fewshot_override_and_seeds(tiny, gsm_rows, mqa_rows):
             assert len(conv) == 5  # 2 shots (user+assistant) and the question
     m = res.metrics
     assert m["resp_gsm8k_cot/exact_match_strict"] == 1.0
-    assert m["resp_gsm8k_cot/exact_match_strict/seed0"] == m["resp_gsm8k_cot/exact_match_strict/seed1"] == 1.0
+    assert m["resp_gsm8k_cot/exact_match_strict@seed0"] == m["resp_gsm8k_cot/exact_match_strict@seed1"] == 1.0
     assert m["resp_gsm8k_cot/exact_match_strict/std"] == 0.0
     assert {r["seed"] for r in res.records} == {0, 1}
 

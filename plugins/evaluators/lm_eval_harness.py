@@ -727,22 +727,26 @@ def _preserved_rng():
             torch.cuda.set_rng_state_all(cuda)
 
 
+_NOT_SCORES = ("_stderr", "/n", "/finished", "/mean_tokens", "/std")
+
+
 def _combine(per_seed: list[dict[str, float]], seeds: list[int]) -> dict[str, float]:
-    """The mean over seeds under each metric's name; with several seeds also ``<name>/seed<s>``
-    and ``<name>/std`` (sample standard deviation over seeds)."""
-    if len(per_seed) == 1:
-        return dict(per_seed[0])
+    """The mean over seeds under each metric's name; for every score also ``<name>@seed<s>``
+    (the convention :mod:`resp_core.compare` aggregates into means and 95% CIs) and, with
+    several seeds, ``<name>/std`` (sample standard deviation over seeds)."""
     out: dict[str, float] = {}
     keys = sorted({k for m in per_seed for k in m})
     for k in keys:
         vals = [m[k] for m in per_seed if k in m]
         mean = sum(vals) / len(vals)
         out[k] = mean
-        if len(vals) > 1 and not k.endswith("_stderr"):
+        if k.endswith(_NOT_SCORES):
+            continue
+        if len(vals) > 1:
             out[f"{k}/std"] = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
         for s, m in zip(seeds, per_seed):
             if k in m:
-                out[f"{k}/seed{s}"] = m[k]
+                out[f"{k}@seed{s}"] = m[k]
     return out
 
 
