@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -99,13 +100,31 @@ def evaluate_point(resolved: ResolvedRecipe, ctx: RunContext, run_dir: RunDir, l
 
 def run_recipe(resolved: ResolvedRecipe, run_path, progress: Progress | None = None,
                on_row: Callable[[dict], None] | None = None, model_and_tokenizer=None) -> RunResult:
-    """Run a resolved recipe into a new run folder at ``run_path``."""
-    progress = progress or Progress()
-    recipe = resolved.recipe
+    """Run a resolved recipe into a new run folder at ``run_path``.
+
+    A user error found only while running (e.g. a calibration source that yields too few
+    samples) removes the folder this call created, so bad input leaves nothing behind; any
+    other failure leaves the folder with ``status: failed`` in ``run.json`` for inspection."""
     RunDir.check_new(run_path)
-    model, tokenizer = model_and_tokenizer or load_model_and_tokenizer(recipe.model)
-    torch.manual_seed(recipe.seed)
+    model, tokenizer = model_and_tokenizer or load_model_and_tokenizer(resolved.recipe.model)
     run_dir = RunDir.create(run_path)
+    try:
+        return _run(resolved, run_dir, model, tokenizer, progress or Progress(), on_row)
+    except RespError:
+        shutil.rmtree(run_dir.path, ignore_errors=True)
+        raise
+    except BaseException as exc:
+        info_file = run_dir.file("run.json")
+        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+        info.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        write_json(info_file, info)
+        raise
+
+
+def _run(resolved: ResolvedRecipe, run_dir: RunDir, model, tokenizer, progress: Progress,
+         on_row: Callable[[dict], None] | None) -> RunResult:
+    recipe = resolved.recipe
+    torch.manual_seed(recipe.seed)
     started = time.time()
     (run_dir.file("recipe.yaml")).write_text(dump_recipe(recipe))
     ctx = build_context(resolved, model, tokenizer, progress)

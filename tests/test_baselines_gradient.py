@@ -480,6 +480,7 @@ def test_generic_text_bad_inputs_are_one_line_errors(tmp_path, tiny_model_dir):
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     error = [ln for ln in result.output.splitlines() if ln.startswith("error:")]  # found once tokenized
     assert len(error) == 1 and "calibration.params.num_samples" in error[0] and "50 requested" in error[0]
+    assert not out.exists()  # found only while running, yet nothing is left behind
     # bad parameter values
     recipe = dict(base, calibration={"name": "c4", "params": {"local_path": str(bad), "seq_len": 1}})
     assert_user_error(runner.invoke(app, ["validate", str(write(tmp_path, recipe))]), "calibration.params.seq_len")

@@ -85,3 +85,39 @@ def test_shipped_model_metadata(testbed_available):
 
     cfg = AutoConfig.from_pretrained(testbed_available)
     assert cfg.model_type == "qwen3" and cfg.head_dim == record["settings"]["head_dim"]
+
+
+def test_masked_compacted_reloaded_testbed_agree(testbed_available, tmp_path):
+    """Exactness on the shipped model: masked == compacted == reloaded logits (<= 1e-5)."""
+    import torch
+
+    from resp_core import load_pruned
+    from resp_core.loading import load_model_and_tokenizer
+    from resp_core.model.adapter import adapter_for
+    from resp_core.model.compaction import compacted_copy, save_pruned
+    from resp_core.model.masks import MaskSet, apply_mask
+    from resp_core.recipe import ModelSection
+
+    model, tok = load_model_and_tokenizer(ModelSection(path="testbed"))
+    adapter = adapter_for(model)
+    g = adapter.geometry
+    mask = MaskSet.full(g)
+    gen = torch.Generator().manual_seed(0)
+    mask.mlp_channel[1:5] = torch.rand(4, g.intermediate_size, generator=gen) > 0.4
+    mask.q_head[2, 0] = False  # uneven GQA grouping in layer 2
+    mask.kv_group[3, 1] = False
+    apply_mask(adapter, mask)
+    compact, record = compacted_copy(model, mask)
+    save_pruned(compact, record, tmp_path / "m", tok)
+    reloaded = load_pruned(tmp_path / "m")
+    texts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+             for q in ("What is 12 + 30 - 7?", "Compute 55 - 21 + 64 + 18.")]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        a = model(**enc).logits
+        b = compact(**enc).logits
+        c = reloaded(**enc).logits
+    keep = enc["attention_mask"].bool()
+    assert (a - b).abs()[keep].max() <= 1e-5
+    assert (a - c).abs()[keep].max() <= 1e-5
+    assert sum(p.numel() for p in reloaded.parameters()) < sum(p.numel() for p in model.parameters())
