@@ -215,7 +215,9 @@ def plugins(verbose: bool = typer.Option(False, "--verbose", "-v", help="Also sh
 @user_errors
 def testbed_train(out: Path = typer.Option(Path("testbed-model"), "--out", "-o", help="Output folder (must not exist)."),
                   steps: int = typer.Option(1500, help="Optimizer steps."),
-                  seed: int = typer.Option(0, help="Seed.")):
+                  seed: int = typer.Option(0, help="Seed."),
+                  lr: float = typer.Option(3e-3, help="Peak learning rate."),
+                  init_from: Optional[Path] = typer.Option(None, help="Continue from a saved testbed model.")):
     """Train the testbed reasoning model from scratch (about 25 minutes on 2 cores)."""
     from rich.progress import Progress
 
@@ -223,7 +225,9 @@ def testbed_train(out: Path = typer.Option(Path("testbed-model"), "--out", "-o",
 
     if out.exists():
         raise RespError(f"{out} already exists (nothing was written)")
-    settings = TrainSettings(seed=seed, steps=steps)
+    if init_from is not None and not (init_from / "model.safetensors").is_file():
+        raise RespError(f"--init-from: {init_from} holds no model.safetensors")
+    settings = TrainSettings(seed=seed, steps=steps, lr=lr, init_from=str(init_from) if init_from else None)
     with Progress(console=console) as bar:
         tid = bar.add_task("Training testbed", total=steps)
         record = train(out, settings, progress=lambda s, n, loss: bar.update(tid, completed=s, description=f"Training testbed (loss {loss:.3f})"))

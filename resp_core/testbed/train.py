@@ -23,6 +23,9 @@ from . import task
 from .tokenizer import build_tokenizer
 
 
+TOKENIZER_SEED = 0  # the tokenizer is part of the testbed's definition, not of a training run
+
+
 @dataclass
 class TrainSettings:
     seed: int = 0
@@ -40,6 +43,8 @@ class TrainSettings:
     num_kv_heads: int = 3
     head_dim: int = 16
     vocab_size: int = 512
+    init_from: str | None = None  # continue from a saved testbed model (same tokenizer settings)
+    checkpoint_every: int = 0  # also save to <out>/checkpoint every this many steps (0: never)
 
 
 def model_config(s: TrainSettings, tok) -> Qwen3Config:
@@ -90,9 +95,19 @@ def encode_batch(tok, examples) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 def train(out_dir: Path, settings: TrainSettings, progress=None) -> dict:
     torch.manual_seed(settings.seed)
     rng = random.Random(settings.seed)
-    tok = build_tokenizer(settings.vocab_size, settings.seed)
+    if settings.init_from:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(settings.init_from)
+    else:
+        tok = build_tokenizer(settings.vocab_size, TOKENIZER_SEED)
     config = model_config(settings, tok)
-    model = Qwen3ForCausalLM(config)
+    if settings.init_from:
+        model = Qwen3ForCausalLM.from_pretrained(settings.init_from, dtype=torch.float32)
+        if model.config.vocab_size != config.vocab_size:
+            raise ValueError("init_from was trained with another tokenizer")
+    else:
+        model = Qwen3ForCausalLM(config)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -130,6 +145,9 @@ def train(out_dir: Path, settings: TrainSettings, progress=None) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(round(loss.item(), 5))
+        if settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0:
+            model.save_pretrained(out_dir / "checkpoint", safe_serialization=True)
+            tok.save_pretrained(out_dir / "checkpoint")
         if progress is not None:
             progress(step + 1, settings.steps, loss.item())
     elapsed = time.time() - t0
