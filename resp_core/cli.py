@@ -64,23 +64,25 @@ def _default_run_dir(name: str) -> Path:
 
 
 def results_table(rows: list[dict], title: str) -> Table:
+    """Accuracy and parameter count per evaluated point (other metrics stay in metrics.json)."""
     metric_keys = []
     for r in rows:
         for k in r:
-            if "/" in k and k not in metric_keys:
+            if "/" in k and (k.endswith("accuracy") or "exact_match" in k or k.endswith("/acc")) and k not in metric_keys:
                 metric_keys.append(k)
     table = Table(title=title)
     table.add_column("step", justify="right")
     table.add_column("sparsity", justify="right")
     table.add_column("parameters", justify="right")
     for k in metric_keys:
-        table.add_column(k, justify="right")
+        table.add_column(k.replace("/", " "), justify="right")
     table.add_column("traces correct", justify="right")
     for r in rows:
         cells = [str(r.get("step", "")), f"{r['sparsity']:.1%}", f"{r['parameters'] / 1e6:.3f}M"]
         for k in metric_keys:
             v = r.get(k)
-            cells.append("" if v is None else (f"{v:.1%}" if k.endswith("accuracy") or k.endswith("finished") else f"{v:.1f}"))
+            ci = r.get(f"{k}_ci95")
+            cells.append("" if v is None else (f"{v:.1%}" + (f" ± {ci:.1%}" if ci == ci and ci is not None else "")))
         c = r.get("calibration_correct_fraction")
         cells.append("" if c is None else f"{c:.1%}")
         table.add_row(*cells)

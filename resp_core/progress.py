@@ -24,4 +24,4 @@ class RichProgressReporter(Progress):
             yield lambda n=1: bar.advance(tid, n)
 
     def log(self, message: str) -> None:
-        self.console.log(message)
+        self.console.print(f"[dim]{message}[/]", highlight=False)

@@ -21,23 +21,26 @@ def test_problems_are_seeded_and_splits_disjoint():
         total = p.start
         for b in p.operands:
             total += b
-            assert 0 <= total <= 299
+            assert 0 <= total <= 99
         assert total == p.answer
+        # additions first, then subtractions, is just as valid: no intermediate leaves [0, 99]
+        adds = p.start + sum(b for b in p.operands if b > 0)
+        assert adds <= 99 and adds + sum(b for b in p.operands if b < 0) == p.answer
 
 
 def test_thinking_traces_vary_and_are_correct():
-    p = task.Problem(47, (23, -15, 38))
+    p = task.Problem(17, (23, -15, 38))
     rng = random.Random(0)
     traces = {task.thinking_response(p, rng) for _ in range(50)}
     assert len(traces) > 10  # several orders, phrasings and optional checks
     for t in traces:
         assert t.startswith("<think>\n") and "</think>" in t
-        assert task.extract_answer(t) == 93
+        assert task.extract_answer(t) == 63
     assert any("additions" in t or "add everything" in t for t in traces)
     assert any("Check:" in t for t in traces)
     ref = task.reference_solution(p)
-    assert ref == "47+23=70, 70-15=55, 55+38=93 #### 93"
-    assert task.extract_answer(ref) == 93
+    assert ref == "17+23=40, 40-15=25, 25+38=63 #### 63"
+    assert task.extract_answer(ref) == 63
 
 
 def test_answer_extraction():

@@ -1,6 +1,7 @@
 """The testbed reasoning task: multi-step two-digit addition/subtraction chains.
 
-A problem is a start value and 3-5 signed two-digit operands.  The model is trained on two
+A problem is a start value and 3-5 signed two-digit operands; every intermediate result, in
+either reasoning order, stays within [0, 99].  The model is trained on two
 answer styles, as a real reasoning model is:
 
 * *thinking traces* (``<think> ... </think>`` then a one-line answer), varied the way a sampled
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import random
 import re
+import zlib
 from dataclasses import dataclass
 
 MIN_STEPS = 3
@@ -59,28 +61,47 @@ class Problem:
         return cls(int(obj["start"]), tuple(int(x) for x in obj["operands"]))
 
 
-def sample_problem(rng: random.Random) -> Problem:
-    """Running totals stay within [0, 299] so every intermediate is a small non-negative int."""
-    n = rng.randint(MIN_STEPS, MAX_STEPS)
-    start = rng.randint(10, 99)
-    total, ops = start, []
-    for _ in range(n):
-        b = rng.randint(10, 99)
-        can_sub, can_add = total - b >= 0, total + b <= 299
-        if can_sub and (not can_add or rng.random() < 0.5):
-            ops.append(-b)
-            total -= b
-        else:
-            ops.append(b)
-            total += b
-    return Problem(start, tuple(ops))
+def _split(rng: random.Random, total: int, parts: int) -> list[int]:
+    """``parts`` non-negative ints summing to ``total``, uniformly over compositions."""
+    cuts = sorted(rng.randint(0, total) for _ in range(parts - 1))
+    return [b - a for a, b in zip([0] + cuts, cuts + [total])]
+
+
+def split_of(p: Problem) -> str:
+    """'test' for a fixed tenth of all problems (by a stable hash), 'train' for the rest, so
+    held-out problems can never appear in training, whatever the seeds."""
+    return "test" if zlib.crc32(p.expression.encode()) % 10 == 0 else "train"
+
+
+def sample_problem(rng: random.Random, split: str = "train") -> Problem:
+    """Every operand is two-digit; the additions never take the total above 99 and the
+    subtractions never take it below 0 *in any order*, so left-to-right and additions-first
+    reasoning are both valid and every intermediate result is a number in [0, 99].
+    Problems are drawn from ``split``'s part of the problem space (see :func:`split_of`)."""
+    while True:
+        n = rng.randint(MIN_STEPS, MAX_STEPS)
+        start = rng.randint(10, 99)
+        k = rng.randint(0, n)  # additions; n - k subtractions
+        slack_add = 99 - start - 10 * k
+        slack_sub = start - 10 * (n - k)
+        if slack_add < 0 or slack_sub < 0:
+            continue
+        adds = [10 + x for x in _split(rng, rng.randint(0, slack_add), k)] if k else []
+        subs = [10 + x for x in _split(rng, rng.randint(0, slack_sub), n - k)] if n - k else []
+        ops = adds + [-x for x in subs]
+        rng.shuffle(ops)
+        p = Problem(start, tuple(ops))
+        if split_of(p) == split:
+            return p
 
 
 def problems(seed: int, count: int, split: str = "train") -> list[Problem]:
-    """``count`` problems for ``split`` ('train' or 'test'); the splits use disjoint seed streams."""
+    """``count`` problems for ``split`` (train, test or calib): disjoint parts of the problem space
+    for train and test (see :func:`split_of`), and separate seed streams for every split."""
     offset = {"train": 0, "test": 1_000_003, "calib": 2_000_029}[split]
     rng = random.Random(seed * 7919 + offset)
-    return [sample_problem(rng) for _ in range(count)]
+    part = "test" if split == "test" else "train"
+    return [sample_problem(rng, part) for _ in range(count)]
 
 
 # ----------------------------------------------------------------------------------------------
