@@ -174,3 +174,11 @@ def test_third_party_plugin_installed_and_used(tmp_path, tiny_model_dir):
     assert rows[-1]["sparsity"] == pytest.approx(0.4, abs=0.05)
     saved = yaml.safe_load((out / "recipe.yaml").read_text())
     assert saved["scorer"]["name"] == "example_fisher"
+
+
+def test_testbed_train_bad_inputs(tmp_path):
+    assert_user_error(runner.invoke(app, ["testbed", "train", "--out", str(tmp_path / "m"), "--cycles", "1500-3e-3"]),
+                      "--cycles", "STEPS@LR")
+    (tmp_path / "exists").mkdir()
+    assert_user_error(runner.invoke(app, ["testbed", "train", "--out", str(tmp_path / "exists")]), "already exists")
+    assert not (tmp_path / "m").exists()
