@@ -30,9 +30,12 @@ def _pivot(results: dict):
 def rich_table(results: dict) -> Table:
     metrics, methods, targets, cell = _pivot(results)
     n = results["info"].get("seeds", [])
-    table = Table(title=f"{results['info']['name']}: accuracy % (mean ± 95% CI over {len(n)} seed(s))")
+    single = len(metrics) == 1
+    what = metrics[0] if single else "accuracy"
+    table = Table(title=f"{results['info']['name']}: {what} % (mean ± 95% CI over {len(n)} seed(s))")
     table.add_column("method")
-    table.add_column("metric")
+    if not single:
+        table.add_column("metric")
     table.add_column("0%", justify="right")
     for t in targets:
         table.add_column(f"{t:.0%}", justify="right")
@@ -41,7 +44,7 @@ def rich_table(results: dict) -> Table:
             if m == "dense":
                 continue
             dense = cell.get(("dense", 0.0, metric))
-            row = [m, metric, _fmt(dense["mean"], dense["ci95"]) if dense else ""]
+            row = [m] + ([] if single else [metric]) + [_fmt(dense["mean"], dense["ci95"]) if dense else ""]
             for t in targets:
                 c = cell.get((m, t, metric))
                 row.append(_fmt(c["mean"], c["ci95"]) if c else "")
