@@ -120,7 +120,8 @@ def run(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (default
 @user_errors
 def compare(recipe: Path = typer.Argument(..., help="Comparison recipe YAML (methods x sparsities x seeds)."),
             out: Optional[Path] = typer.Option(None, "--out", "-o",
-                                               help="Comparison folder; an existing one is extended.")):
+                                               help="Comparison folder; an existing one is extended."),
+            seeds: Optional[str] = typer.Option(None, help="Override the recipe's seeds, e.g. '0' or '0,1,2'.")):
     """Run methods side by side on the same model, prompts, structures and seeds; table, CSV/JSON, report, plot."""
     from .compare import parse_compare, resolve_compare, run_compare
     from .progress import RichProgressReporter
@@ -129,6 +130,13 @@ def compare(recipe: Path = typer.Argument(..., help="Comparison recipe YAML (met
     if not recipe.is_file():
         raise RespError(f"recipe {recipe} does not exist")
     cmp = parse_compare(recipe.read_text(), str(recipe))
+    if seeds is not None:
+        try:
+            cmp = cmp.model_copy(update={"seeds": [int(x) for x in seeds.split(",") if x.strip()]})
+        except ValueError:
+            raise RespError(f"--seeds: {seeds!r} is not a comma-separated list of integers") from None
+        if not cmp.seeds:
+            raise RespError("--seeds: give at least one seed")
     resolve_compare(cmp, str(recipe))
     folder = out or (Path(cmp.output.dir) if cmp.output.dir else _default_run_dir(cmp.name))
     if folder.exists():

@@ -114,6 +114,8 @@ def test_compare_bad_inputs(tmp_path, tiny_model_dir):
     other_model = {**base, "methods": [{"label": "x", "scorer": {"name": "resp"}, "model": {"path": "testbed"}}]}
     _assert_error(runner.invoke(app, ["compare", str(write(tmp_path, other_model)), "--out", str(out)]),
                   "methods[0].model differs")
+    _assert_error(runner.invoke(app, ["compare", str(write(tmp_path, base)), "--out", str(out), "--seeds", "a,b"]),
+                  "--seeds")
     unordered = {**base, "sparsities": [0.4, 0.2]}
     _assert_error(runner.invoke(app, ["compare", str(write(tmp_path, unordered)), "--out", str(out)]),
                   "sparsities must be strictly increasing")
