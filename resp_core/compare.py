@@ -188,9 +188,13 @@ def check_extension(folder: Path, cmp: CompareRecipe) -> None:
     if old_ev != new_ev:
         raise RespError(f"{folder}: this comparison was made with different evaluators; extend it only with new "
                         "methods or seeds (nothing was changed)")
+    def canonical(method: CompareMethod) -> str:  # YAML round trips turn float keys into strings
+        return json.dumps(json.loads(json.dumps(method.model_dump(mode="json", exclude_none=True), default=str)),
+                          sort_keys=True)
+
     for m_old in saved.methods:
         for m_new in cmp.methods:
-            if m_old.label == m_new.label and m_old.model_dump() != m_new.model_dump():
+            if m_old.label == m_new.label and canonical(m_old) != canonical(m_new):
                 raise RespError(f"{folder}: method {m_old.label!r} is already in this comparison with other "
                                 "settings; give the new one another label")
 

@@ -32,7 +32,7 @@ def compare_recipe(model_dir: Path, methods=None, seeds=(0, 1)) -> dict:
             {"label": "GISP", "scorer": {"name": "gisp"}},
             {"label": "RESP", "scorer": {"name": "resp"},
              "calibration": {"name": "self_generated", "params": {"num_samples": 4, "sampling": {"max_new_tokens": 8}}},
-             "schedule": {"regenerate_fraction": 1.0}},
+             "schedule": {"regenerate_fraction": 1.0, "regenerate_overrides": {0.2: 0.5}}},
         ],
     }
 
