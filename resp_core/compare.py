@@ -31,7 +31,8 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .errors import RespError
-from .recipe import (EvaluationSection, ModelSection, OutputSection, PluginRef, Recipe, StructuresSection, _Strict,
+from .recipe import (EvaluationSection, ModelSection, OutputSection, PluginRef, Recipe, SharedSections,
+                     StructuresSection, _Strict,
                      _first_error, check_model_path, dump_recipe, resolve)
 from .rundir import RunDir, write_json
 from .stats import ci95_halfwidth, mean
@@ -51,14 +52,7 @@ class CompareMethod(_Strict):
     structures: StructuresSection | None = None
 
 
-class CompareRecipe(_Strict):
-    name: str
-    seed: int = 0
-    model: ModelSection = Field(default_factory=ModelSection)
-    task: PluginRef = Field(default_factory=lambda: PluginRef(name="testbed_arith"))
-    structures: StructuresSection = Field(default_factory=StructuresSection)
-    generator: PluginRef = Field(default_factory=lambda: PluginRef(name="hf"))
-    calibration: PluginRef
+class CompareRecipe(SharedSections):
     sparsities: list[float]
     steps: int = 8  # equal pruning steps up to the largest sparsity (plus every milestone)
     seeds: list[int] = Field(default_factory=lambda: [0])

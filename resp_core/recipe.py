@@ -74,7 +74,9 @@ class OutputSection(_Strict):
     save_milestone_models: bool = False  # also save the compacted model of every milestone (models/)
 
 
-class Recipe(_Strict):
+class SharedSections(_Strict):
+    """What a run and a comparison of runs both name: one model, task, structures and data."""
+
     name: str
     seed: int = 0
     model: ModelSection = Field(default_factory=ModelSection)
@@ -82,6 +84,9 @@ class Recipe(_Strict):
     structures: StructuresSection = Field(default_factory=StructuresSection)
     generator: PluginRef = Field(default_factory=lambda: PluginRef(name="hf"))
     calibration: PluginRef
+
+
+class Recipe(SharedSections):
     scorer: PluginRef
     allocator: PluginRef = Field(default_factory=lambda: PluginRef(name="global"))
     schedule: PluginRef

@@ -15,6 +15,7 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import tiny_qwen3
+from test_cli import assert_user_error, write
 from resp_core.cli import app
 from resp_core.errors import RespError
 from resp_core.interfaces import CalibrationSample, CalibrationSet, RunContext
@@ -329,22 +330,6 @@ def run_recipe_dict(model_dir: Path, tmp_path: Path, scorer: str, scorer_params:
                      "params": {"target": 0.4, "steps": 4, "milestones": [0.2, 0.4], "regenerate_fraction": 0.0}},
         "evaluation": {"evaluate_dense": False, "evaluators": []},
     }
-
-
-def write(tmp_path: Path, recipe, name: str = "recipe.yaml") -> Path:
-    p = tmp_path / name
-    p.write_text(recipe if isinstance(recipe, str) else yaml.safe_dump(recipe))
-    return p
-
-
-def assert_user_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    assert "Traceback" not in result.output
-    joined = " ".join(ln for ln in result.output.strip().splitlines() if ln.strip())
-    assert joined.startswith("error:"), result.output
-    for f in fragments:
-        assert f in joined, (f, joined)
 
 
 def check_run(out: Path, model_dir: Path):

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from resp_core import hookimpl
 from resp_plugins.tasks.answer_text import after_think, boxed_contents
+from resp_plugins.tasks.subsets import pick_subset
 from resp_core.errors import RespError
 from resp_core.interfaces import Params, Task, TaskItem
 
@@ -176,15 +177,6 @@ def _reference(answer: str) -> str:
     return re.sub(r"<<[^>]*>>", "", answer).rstrip()
 
 
-def _pick(n: int, count: int | None, seed: int) -> list[int]:
-    """Indices of a reproducible subset of ``count`` out of ``n``, in file order."""
-    if count is None or count >= n:
-        return list(range(n))
-    if count < 0:
-        raise RespError(f"count must be >= 0, not {count}")
-    return sorted(random.Random(seed).sample(range(n), count))
-
-
 class GSM8K(Task):
     """GSM8K grade-school math word problems; numeric answers compared with a 1e-6 tolerance."""
 
@@ -263,7 +255,7 @@ class GSM8K(Task):
     def items(self, split: str, count: int | None, seed: int) -> list[TaskItem]:
         rows = self._load(split)
         out = []
-        for i in _pick(len(rows), count, seed):
+        for i in pick_subset(len(rows), count, seed):
             row = rows[i]
             out.append(TaskItem(
                 id=f"gsm8k-{split}-{i}",

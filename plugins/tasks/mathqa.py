@@ -19,6 +19,7 @@ from pathlib import Path
 
 from resp_core import hookimpl
 from resp_plugins.tasks.answer_text import after_think, boxed_contents
+from resp_plugins.tasks.subsets import pick_subset
 from resp_core.errors import RespError
 from resp_core.interfaces import Params, Task, TaskItem
 
@@ -168,15 +169,6 @@ def _strip_quotes(text: str) -> str:
     return t
 
 
-def _pick(n: int, count: int | None, seed: int) -> list[int]:
-    """Indices of a reproducible subset of ``count`` out of ``n``, in file order."""
-    if count is None or count >= n:
-        return list(range(n))
-    if count < 0:
-        raise RespError(f"count must be >= 0, not {count}")
-    return sorted(random.Random(seed).sample(range(n), count))
-
-
 class MathQA(Task):
     """MathQA five-option math word problems; the answer is the option letter a-e."""
 
@@ -266,7 +258,7 @@ class MathQA(Task):
         split = self._split(split)
         rows = self._load(split)
         out = []
-        for i in _pick(len(rows), count, seed):
+        for i in pick_subset(len(rows), count, seed):
             row = rows[i]
             letter = row["correct"].strip().lower()
             options = parse_options(row["options"])
