@@ -26,15 +26,6 @@ from .model.masks import MaskSet, apply_mask, sparsity_of
 from .model.structures import StructureSpec, build_structures
 
 
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def _alternating(fns: dict, repeats: int) -> dict[str, float]:
     times = {k: [] for k in fns}
     for _ in range(repeats):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import asdict
 from pathlib import Path
 
 from pydantic import Field

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import re
 from decimal import Decimal, InvalidOperation, localcontext
 from fractions import Fraction
@@ -23,6 +22,7 @@ from pathlib import Path
 
 from resp_core import hookimpl
 from resp_plugins.tasks.answer_text import after_think, boxed_contents
+from resp_plugins.tasks.hub import hub_rows
 from resp_plugins.tasks.subsets import pick_subset
 from resp_core.errors import RespError
 from resp_core.interfaces import Params, Task, TaskItem
@@ -225,21 +225,8 @@ class GSM8K(Task):
 
     def _load_hub(self, split: str) -> list[dict]:
         p = self.params
-        try:
-            import datasets
-        except ImportError:
-            raise RespError(
-                "gsm8k: loading from the hub needs the 'datasets' package; install it or set data_dir"
-            ) from None
-        try:
-            ds = datasets.load_dataset(p.hub_id, p.hub_config, split=split)
-        except Exception as exc:  # network, auth, missing config ...
-            msg = (str(exc).strip().splitlines() or [""])[0]
-            raise RespError(
-                f"gsm8k: could not load {p.hub_id!r} ({p.hub_config}, split {split!r}) from the hub: "
-                f"{type(exc).__name__}: {msg} (set data_dir to a local copy)"
-            ) from None
-        return [self._check(dict(row), f"{p.hub_id}[{split}][{i}]") for i, row in enumerate(ds)]
+        rows = hub_rows("gsm8k", p.hub_id, split, p.hub_config)
+        return [self._check(row, f"{p.hub_id}[{split}][{i}]") for i, row in enumerate(rows)]
 
     @staticmethod
     def _check(obj, where: str) -> dict:

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import ast
 import json
-import random
 import re
 from pathlib import Path
 
 from resp_core import hookimpl
 from resp_plugins.tasks.answer_text import after_think, boxed_contents
+from resp_plugins.tasks.hub import hub_rows
 from resp_plugins.tasks.subsets import pick_subset
 from resp_core.errors import RespError
 from resp_core.interfaces import Params, Task, TaskItem
@@ -220,21 +220,7 @@ class MathQA(Task):
 
     def _load_hub(self, split: str) -> list[dict]:
         hub_id = self.params.hub_id
-        try:
-            import datasets
-        except ImportError:
-            raise RespError(
-                "mathqa: loading from the hub needs the 'datasets' package; install it or set data_dir"
-            ) from None
-        try:
-            ds = datasets.load_dataset(hub_id, split=split)
-        except Exception as exc:  # network, auth, script-based dataset ...
-            msg = (str(exc).strip().splitlines() or [""])[0]
-            raise RespError(
-                f"mathqa: could not load {hub_id!r} (split {split!r}) from the hub: "
-                f"{type(exc).__name__}: {msg} (set data_dir to a local copy)"
-            ) from None
-        return [self._check(dict(row), f"{hub_id}[{split}][{i}]") for i, row in enumerate(ds)]
+        return [self._check(row, f"{hub_id}[{split}][{i}]") for i, row in enumerate(hub_rows("mathqa", hub_id, split))]
 
     @staticmethod
     def _check(obj, where: str) -> dict:
