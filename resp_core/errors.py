@@ -6,7 +6,21 @@ import difflib
 
 
 class RespError(Exception):
-    """A problem with the user's input (recipe, paths, names). Never a bug in RESP."""
+    """A problem with the user's input (recipe, paths, names). Never a bug in RESP.
+
+    Found before a run starts: nothing is written.  Found mid-run: the run folder that run
+    created is removed (bad input leaves nothing behind)."""
+
+
+class RunFailed(RespError):
+    """A run-time failure that is not the user's input: non-finite loss/gradients/scores,
+    empty calibration, a disk that is full or read-only.  Printed as one line (exit 2); the run
+    folder is kept with ``status: failed`` and the message in ``run.json``."""
+
+
+class NumericalError(RunFailed):
+    """Non-finite or degenerate numbers (loss, gradients, scores); the message names the step,
+    layer and unit kind."""
 
 
 def did_you_mean(name: str, choices) -> str:
