@@ -126,6 +126,16 @@ class DecoderAdapter:
         """Module whose forward input is the MLP's channel activations (down_proj)."""
         return self.mlp(layer).down_proj
 
+    # --- the forward pass in two halves (scoring applies the head to labelled positions only) --
+    def decoder_body(self) -> nn.Module:
+        """The decoder without the output head: ``body(input_ids=…, attention_mask=…)``
+        returns ``last_hidden_state`` (after the final norm)."""
+        return self.model.model
+
+    def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of final hidden states ``[..., hidden]``, as the full model's forward makes them."""
+        return self.model.lm_head(hidden)
+
     # --- biases used by weight-editing scorers (FLAP's compensation) -----------------------
     @staticmethod
     def ensure_bias(linear: nn.Linear) -> torch.Tensor:
