@@ -139,7 +139,7 @@ def test_task_data_masks_prompt_for_decode_loss(testbed_tokenizer):
     items = task.items("train", 3, 0)
     for s, it in zip(samples, items):
         assert tok.decode(s.target_ids) == it.reference + "<|im_end|>"
-        assert tok.decode(s.prompt_ids).endswith("<think>\n\n</think>\n\n")
+        assert tok.decode(s.prompt_ids).endswith("<|im_start|>assistant\n")  # thinking mode (gold-thinking)
     calib = CalibrationSet(samples, tok.pad_token_id)
     batch = next(calib.batches(3, "decode"))
     for row, s in zip(range(3), samples):

@@ -1,11 +1,32 @@
 """Task data with human-written reference solutions (GSM8K's labels, the testbed's terse
-solutions) as calibration: the 'gold' calibration of the paper's Section 3."""
+solutions) as calibration: the 'gold' calibration of the paper's Section 3.
+
+Default: the authors' ``gold-thinking`` data (uncc-efficient-ai/RESP,
+``modules/data/data_prune_ds.py`` ``get_gsm8k_model_output_sample``, the ``'gold' in name`` branch,
+selected by ``used_config: gold-thinking`` in ``configs/section5/main/gisp_gsm8k.yaml``): the
+task prompt rendered with the chat template in thinking mode (``enable_thinking=True``,
+generation prompt added), the gold solution as published (GSM8K's ``<<…>>`` calculator
+annotations kept: the gsm8k task's ``reference_annotations: keep``) plus EOS as the target.  The
+scorer masks the prompt (decode-only loss, as for self-generated traces), so GISP on this data
+and RESP without regeneration differ only in the data: gold solution vs the model's own trace.
+
+``pack: N`` cuts the calibration text into windows of N tokens, as the authors' Wanda-sp does
+(``resp/pruners/wanda_sp.py`` ``wanda_sp.process_data``: every gold-thinking sample's prompt and
+target tokens concatenated into one stream, ``split(seq_len)`` with ``seq_len: 256``).  Every
+token of a window is a target.  The authors pad the last, shorter window with pad tokens that the
+model then attends to; here the last window is kept shorter and unpadded.
+
+Named options for what RESP shipped before (GISP as a full-sequence baseline):
+``enable_thinking: false`` (the template's pre-filled empty ``<think></think>`` block), the
+task's ``reference_annotations: strip`` (through ``task_params``), and the scorer's
+``loss: full``.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 
 from resp_core import hookimpl
 from resp_core.errors import RespError
@@ -32,16 +53,29 @@ def check_task_ref(recipe, path: str, task: str | None, task_params: dict | None
         raise RespError(f"{path}.params.task_params{'.' + loc if loc else ''}: {msg}") from None
 
 
+def pack_windows(samples: list[CalibrationSample], size: int) -> list[CalibrationSample]:
+    """Every sample's prompt and target tokens, concatenated in order and cut into windows of
+    ``size`` tokens (the last one may be shorter); each window is all target."""
+    stream = [t for s in samples for t in s.prompt_ids + s.target_ids]
+    out = []
+    for k, start in enumerate(range(0, len(stream), size)):
+        window = stream[start : start + size]
+        out.append(CalibrationSample([], window, {"source": "task_data", "window": k, "pack": size}))
+    return out
+
+
 class TaskData(CalibrationSource):
-    """Task prompts with their human-written reference solutions."""
+    """Task prompts with their human-written reference solutions (the authors' gold-thinking data)."""
 
     class Params(Params):
         num_samples: int = 128
         task: str | None = None  # default: the recipe's task
         task_params: dict[str, Any] | None = None  # e.g. {data_dir: ...}; default: the recipe task's params
         split: str = "train"
-        format: Literal["chat", "plain"] = "chat"  # chat template (non-thinking) or question + solution
+        format: Literal["chat", "plain"] = "chat"  # chat template, or question + solution as plain text
+        enable_thinking: bool = True  # chat format: the template's thinking mode (authors' gold-thinking)
         max_length: int | None = None
+        pack: int | None = Field(None, ge=1)  # cut the token stream into windows of this many tokens
 
     def __init__(self, params: "TaskData.Params | None" = None):
         self.params = params or self.Params()
@@ -60,7 +94,7 @@ class TaskData(CalibrationSource):
         for it in items:
             if p.format == "chat":
                 prompt = tok.apply_chat_template(it.messages, tokenize=False, add_generation_prompt=True,
-                                                 enable_thinking=False)
+                                                 enable_thinking=p.enable_thinking)
                 target = it.reference + (tok.eos_token or "")
             else:
                 prompt = "\n".join(m["content"] for m in it.messages) + "\n"
@@ -71,7 +105,7 @@ class TaskData(CalibrationSource):
                 t_ids = t_ids[: max(0, p.max_length - len(p_ids))]
             out.append(CalibrationSample(p_ids, t_ids, {"item_id": it.id, "source": "task_data",
                                                         "text": target}))
-        return out
+        return pack_windows(out, p.pack) if p.pack else out
 
 
 @hookimpl

@@ -3,8 +3,10 @@
 Items come from a local folder holding ``train.jsonl`` / ``test.jsonl`` (the files of
 ``openai/grade-school-math``) when ``data_dir`` is set, else from the Hugging Face hub.
 Each item's ``answer`` is the gold number normalized (``"1,080"`` -> ``"1080"``); its
-``reference`` is the human solution without the ``<<...>>`` calculator annotations, ending in
-its ``#### N`` line.
+``reference`` is the human solution ending in its ``#### N`` line, with the ``<<...>>``
+calculator annotations kept as published (``reference_annotations: keep``, what the authors'
+gold calibration trains on: uncc-efficient-ai/RESP ``modules/data/data_prune_ds.py``
+``get_gsm8k_model_output_sample``) or removed (``strip``).
 
 Answer extraction looks only at the text after the last ``</think>`` (when there is one):
 strict forms first (``\\boxed{N}``, then ``#### N``, then ``answer is N``), else the last
@@ -19,6 +21,7 @@ import re
 from decimal import Decimal, InvalidOperation, localcontext
 from fractions import Fraction
 from pathlib import Path
+from typing import Literal
 
 from resp_core import hookimpl
 from resp_plugins.tasks.answer_text import after_think, boxed_contents
@@ -173,8 +176,9 @@ def _gold(answer: str) -> str | None:
     return normalize_number(answer.rsplit("####", 1)[1])
 
 
-def _reference(answer: str) -> str:
-    return re.sub(r"<<[^>]*>>", "", answer).rstrip()
+def _reference(answer: str, annotations: str = "keep") -> str:
+    text = answer if annotations == "keep" else re.sub(r"<<[^>]*>>", "", answer)
+    return text.rstrip()
 
 
 class GSM8K(Task):
@@ -187,6 +191,7 @@ class GSM8K(Task):
         hub_id: str = "openai/gsm8k"
         hub_config: str = "main"
         prompt_suffix: str = DEFAULT_SUFFIX
+        reference_annotations: Literal["keep", "strip"] = "keep"  # GSM8K's <<...>> calculator annotations
 
     def __init__(self, params: "GSM8K.Params | None" = None):
         self.params = params or self.Params()
@@ -248,7 +253,7 @@ class GSM8K(Task):
                 id=f"gsm8k-{split}-{i}",
                 messages=[{"role": "user", "content": row["question"] + self.params.prompt_suffix}],
                 answer=_gold(row["answer"]),
-                reference=_reference(row["answer"]),
+                reference=_reference(row["answer"], self.params.reference_annotations),
                 meta={"split": split, "index": i},
             ))
         return out
