@@ -208,6 +208,8 @@ class RunContext:
     progress: Progress = field(default_factory=Progress)
     mask: MaskSet | None = None  # the current mask
     step: int = 0
+    target: float | None = None  # the sparsity the current step prunes to (set by the run loop)
+    allocator: Any = None  # the run's allocator (per-layer scorers such as sequential Wanda-sp ask it)
 
 
 class CalibrationSource(ABC):

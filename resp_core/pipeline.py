@@ -85,7 +85,7 @@ def build_context(resolved: ResolvedRecipe, model, tokenizer, progress: Progress
     return RunContext(model=model, tokenizer=tokenizer, adapter=adapter, structures=structures,
                       generator=resolved.generator, tasks=task_factory(resolved), seed=recipe.seed,
                       device=recipe.model.device, progress=progress,
-                      mask=MaskSet.full(adapter.geometry) if prunable else None)
+                      mask=MaskSet.full(adapter.geometry) if prunable else None, allocator=resolved.allocator)
 
 
 def evaluate_point(resolved: ResolvedRecipe, ctx: RunContext, run_dir: RunDir, label: str) -> dict:
@@ -162,7 +162,7 @@ def _run(resolved: ResolvedRecipe, run_dir: RunDir, model, tokenizer, progress: 
     costs = ctx.structures.costs
     steps = resolved.schedule.steps()
     for k, step in enumerate(steps, start=1):
-        ctx.step = k
+        ctx.step, ctx.target = k, step.sparsity
         calib = CalibrationSet(samples, tokenizer.pad_token_id)
         scores = resolved.scorer.score(ctx, calib)
         resolved.allocator.prepare(ctx, calib)
