@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
 
 from .adapter import DecoderAdapter, Geometry
 
@@ -82,13 +82,47 @@ class MaskSet:
 
     # --- io ------------------------------------------------------------------------------------
     def save(self, path: Path, metadata: dict | None = None) -> None:
+        """uint8 tensors per unit kind, the geometry and ``metadata`` as strings; written atomically
+        with a canonical header (same mask, same bytes)."""
+        from ..rundir import write_safetensors
+
         meta = {k: str(v) for k, v in (metadata or {}).items()}
         meta.update({f"geometry.{k}": str(v) for k, v in self.geometry.to_json().items()})
-        save_file({k: v.to(torch.uint8).contiguous() for k, v in self.tensors().items()}, str(path), metadata=meta)
+        write_safetensors(Path(path), {k: v.to(torch.uint8) for k, v in self.tensors().items()}, meta)
 
     @classmethod
     def load(cls, path: Path, geometry: Geometry) -> "MaskSet":
-        return cls(geometry, {k: v.bool() for k, v in load_file(str(path)).items()})
+        """A saved mask for a model of ``geometry``; one-line :class:`RespError` naming the file
+        when it is missing, unreadable, or made for another geometry."""
+        from ..errors import RespError
+
+        path = Path(path)
+        if not path.is_file():
+            raise RespError(f"{path}: mask file does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        except Exception as exc:  # safetensors raises its own error types for a bad header
+            raise RespError(f"{path}: not a readable mask file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        for k, v in geometry.to_json().items():
+            saved = meta.get(f"geometry.{k}")
+            if saved is not None and saved != str(v):
+                raise RespError(f"{path}: mask made for {k}={saved}, the model has {k}={v}")
+        shapes = {"kv_group": (geometry.num_layers, geometry.num_kv_heads),
+                  "q_head": (geometry.num_layers, geometry.num_heads),
+                  "mlp_channel": (geometry.num_layers, geometry.intermediate_size),
+                  "layer": (geometry.num_layers, 1)}
+        for kind, shape in shapes.items():
+            if kind not in tensors:
+                raise RespError(f"{path}: mask has no {kind!r} tensor")
+            t = tensors[kind]
+            if kind == "layer":
+                t = t.reshape(-1, 1) if t.numel() == geometry.num_layers else t
+            if tuple(t.shape) != shape:
+                raise RespError(f"{path}: {kind!r} has shape {tuple(t.shape)}, the model needs {shape}")
+            tensors[kind] = t
+        return cls(geometry, {k: tensors[k].bool() for k in shapes})
 
 
 # --------------------------------------------------------------------------------------------------
