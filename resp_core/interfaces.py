@@ -115,6 +115,13 @@ class Generator(ABC):
                  progress: Progress | None = None, description: str = "Generating") -> list[Completion]:
         ...
 
+    def generate_text(self, prompts: list[str], sampling: SamplingParams, progress: Progress | None = None,
+                      description: str = "Generating", add_special_tokens: bool = False) -> list[Completion]:
+        """Completions of already-rendered prompt texts (no chat template applied here; lm-eval
+        tasks without a chat template need this).  ``sampling.enable_thinking`` does not apply.
+        Optional: backends that only take conversations leave it unimplemented."""
+        raise NotImplementedError(f"{type(self).__name__} generates from conversations only")
+
 
 # --------------------------------------------------------------------------------------------------
 # Calibration
