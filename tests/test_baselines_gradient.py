@@ -251,7 +251,7 @@ def test_llm_pruner_param_first_sum_is_the_element_taylor_score(llm_setup):
     model, calib, _, _ = llm_setup
     ctx = make_ctx(model)
     ours = create("scorer", "llm_pruner", {"taylor": "param_first"}).score(ctx, calib).values
-    resp = create("scorer", "resp", {"loss": "full", "normalize": "none"}).score(ctx, calib).values
+    resp = create("scorer", "resp", {"loss": "full", "reduction": "token_mean", "normalize": "none"}).score(ctx, calib).values
     for kind in ("q_head", "kv_group", "mlp_channel"):
         assert torch.allclose(ours[kind], resp[kind], rtol=1e-5)
 

@@ -134,13 +134,13 @@ def test_calibration_batches_and_token_counts():
 # Taylor scorer vs plain autograd
 # --------------------------------------------------------------------------------------------------
 
-def _reference_grads(model, samples, loss: str):
-    """Gradient of the set-level mean token NLL (prompt labels -100 for 'decode'), one sample at a
-    time, no padding, plain autograd."""
+def _reference_grads(model, samples, loss: str, reduction: str = "sample_mean"):
+    """Gradient of the calibration loss (prompt labels -100 for 'decode'), one sample at a time,
+    no padding, plain autograd on full logits.  ``sample_mean``: mean over samples (with at least
+    one target) of each sample's mean token NLL; ``token_mean``: the set-level mean token NLL."""
     ref = copy.deepcopy(model)
     ref.zero_grad(set_to_none=True)
-    total, count = 0.0, 0
-    terms = []
+    sums, counts = [], []
     for s in samples:
         ids = torch.tensor([s.prompt_ids + s.target_ids])
         labels = torch.tensor([([-100] * len(s.prompt_ids) if loss == "decode" else s.prompt_ids) + s.target_ids])
@@ -149,9 +149,12 @@ def _reference_grads(model, samples, loss: str):
         valid = tgt != -100
         if valid.any():
             logp = torch.log_softmax(logits[0, :-1].float(), dim=-1)
-            terms.append(-logp[valid].gather(1, tgt[valid][:, None]).sum())
-            count += int(valid.sum())
-    mean = torch.stack(terms).sum() / count
+            sums.append(-logp[valid].gather(1, tgt[valid][:, None]).sum())
+            counts.append(int(valid.sum()))
+    if reduction == "token_mean":
+        mean = torch.stack(sums).sum() / sum(counts)
+    else:
+        mean = torch.stack([t / n for t, n in zip(sums, counts)]).mean()
     mean.backward()
     return ref, float(mean.detach())
 
@@ -194,14 +197,16 @@ def _assert_scores_close(got: dict, exp: dict, rtol=2e-4):
         torch.testing.assert_close(g, e, rtol=rtol, atol=rtol * float(e.abs().max()), msg=kind)
 
 
+@pytest.mark.parametrize("reduction", ["sample_mean", "token_mean"])
 @pytest.mark.parametrize("loss", ["decode", "full"])
-def test_taylor_matches_autograd_for_every_batch_size(loss):
+def test_taylor_matches_autograd_for_every_batch_size(loss, reduction):
     model = _model(seed=1)
-    ref, mean = _reference_grads(model, SAMPLES, loss)
+    ref, mean = _reference_grads(model, SAMPLES, loss, reduction)
     expected = _reference_scores(ref, "element")
     assert float(expected["q_head"].min()) > 0
     for bs in (1, 2, 5, 16):
-        s = _score(model, SAMPLES, loss=loss, normalize="none", granularity="element", batch_size=bs)
+        s = _score(model, SAMPLES, loss=loss, reduction=reduction, normalize="none", granularity="element",
+                   batch_size=bs)
         _assert_scores_close(s.values, expected)
         assert float(s.layer_stats["calibration_loss"][0]) == pytest.approx(mean, rel=1e-5)
 
@@ -289,7 +294,7 @@ def test_taylor_normalization_applied():
     per = _score(model, SAMPLES, normalize="per_parameter", batch_size=5).values
     c = unit_costs(adapter_for(model))
     torch.testing.assert_close(blk["q_head"], raw["q_head"] / (4 * HD * HID))
-    torch.testing.assert_close(blk["kv_group"], raw["kv_group"] / (4 * HD * HID))
+    torch.testing.assert_close(blk["kv_group"], raw["kv_group"] / (4 * HD * HID * (HPG + 1)))  # unit's size
     torch.testing.assert_close(blk["mlp_channel"], raw["mlp_channel"] / (3 * INTER))
     torch.testing.assert_close(per["kv_group"], raw["kv_group"] / c["kv_group"])
 
@@ -315,7 +320,8 @@ def test_normalize_scores_by_hand():
     out = normalize_scores(values, "block_constant", adapter, costs)
     attn = 4 * HD * HID  # 1024
     assert out["q_head"].tolist() == [[1.0, 2.0, 0.0, 0.5, 1 / 1024, 3 / 1024]]
-    torch.testing.assert_close(out["kv_group"], torch.tensor([[4096 / attn, 7 / attn, 1.0]]))
+    kv_attn = attn * (HPG + 1)  # a KV group is HPG query heads + K + V: (HPG + 1) head-sized blocks
+    torch.testing.assert_close(out["kv_group"], torch.tensor([[4096 / kv_attn, 7 / kv_attn, 1024 / kv_attn]]))
     torch.testing.assert_close(out["mlp_channel"], torch.tensor([[1.0, 2.0, 0.0]]))  # 3 * intermediate = 144
     assert out["layer"].tolist() == [[5.0]]
 

@@ -20,7 +20,8 @@ scored, then the group's vectors are reduced (LLM-Pruner's ``group_reduction``):
     reduce ∈ {sum, mean, max, prod}
 
 With ``taylor: param_first`` and ``reduction: sum`` this is exactly Σ_{w∈S} |w·g|, the RESP/GISP
-score with a full-sequence loss.  A layer's score (``structures.layers``) is the sum of its KV
+score with a full-sequence loss and ``reduction: token_mean`` (their default ``sample_mean``
+weights each sample's gradient by 1/its token count).  A layer's score (``structures.layers``) is the sum of its KV
 groups' and channels' scores.
 
 LLM-Pruner's defaults (``hf_prune.py`` and its README): the gradient of the full-sequence loss

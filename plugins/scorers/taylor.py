@@ -4,25 +4,36 @@ Formula (RESP paper, arXiv 2512.02185, Eq. 3-5; GISP, arXiv 2510.18030)::
 
     I(w) = | w · ∂L/∂w |          gradients accumulated over the whole calibration set
     I(S) = Σ_{w ∈ S} I(w)          S = a query head / KV group / MLP channel (see resp_core.scoring)
-    L    = L_dec (Eq. 4): mean NLL over generated tokens only (prompt labels = -100)   [resp]
-           or the mean NLL over every token of the sequence                           [gisp]
+    L    = L_dec (Eq. 4): NLL over generated tokens only (prompt labels = -100)      [resp]
+           or the NLL over every token of the sequence                             [gisp]
 
 then normalized per block type and ranked globally across layers by the allocator.
 
-Where the authors' code (uncc-efficient-ai/RESP, ``grad_sp_global.py``) differs and what we do:
+The authors' code is the reference (uncc-efficient-ai/RESP ``resp/pruners/grad_sp_global.py``
+and ``data_refresh_GISP.py``, ``obtain_info_iterative``; ``non_uniform_pruner.py``
+``fill_information``; uncc-efficient-ai/GISP ``pruners/grad_sp_global.py``).  What is theirs and
+what is ours:
 
-* Normalization: the authors divide every score of a block type by one constant (attention:
-  4·head_dim·hidden, MLP: 3·intermediate) and shift scores to be non-negative.  That is our
-  default ``normalize: block_constant``; scores are already non-negative, so no shift.
+* Loss weighting (``reduction``): ``sample_mean`` (default, theirs) is the mean over calibration
+  samples of each sample's mean token loss — they backpropagate ``loss * batch_size`` per batch,
+  one long trace per batch, and divide the gradient by the sample count.  ``token_mean`` (ours)
+  is one token-weighted mean over the whole set.  The two are **not** equivalent: with traces of
+  different lengths each sample's gradient is weighted 1/|T_s| in one and 1 in the other, so the
+  gradients are not proportional and rankings can differ (tests/test_scoring.py pins both).
+* Normalization (``normalize: block_constant``, default): the authors divide every score of a
+  block type by one constant — a query head by 4·head_dim·hidden, an MLP channel by
+  3·intermediate (``structural_size``) — and shift scores to be non-negative (ours already are).
+  For ``structures.attention: kv_group`` (ours: the authors never score K/V) the divisor scales
+  with the unit's size, (n_rep + 1)·4·head_dim·hidden, see
+  :func:`resp_core.scoring.block_constants`.
 * Ranking: the authors threshold by *count* of structures (kthvalue over heads and channels);
-  RESP's global allocator fills a *parameter* budget so that "40%" means 40% of the prunable
-  blocks' parameters whichever mix of heads and channels is removed.
-* GQA: the authors mask query heads one by one and never score or remove K/V projections; we
-  offer both ``structures.attention: q_head`` (their setting; a KV head goes with its last query
-  head) and ``kv_group`` (K/V rows scored with their query heads, removed together).
+  RESP's global allocator fills a parameter budget (see the allocator and structures docs).
+* GQA: the authors mask query heads one by one and never score or remove K/V projections
+  (``structures.attention: q_head``).
 * ``head_dim``: taken from ``config.head_dim`` (the authors use hidden/heads, wrong on Qwen3).
-* The authors divide the gradient by the sample count; we take the gradient of the set-level
-  mean token loss.  Both are a positive constant per scoring pass and do not change rankings.
+* Efficiency (no effect on the numbers beyond float rounding): logits only at labelled
+  positions, gradients of bf16/fp16 weights summed in float32, per-unit reduction on the
+  device, optional ``gradient_checkpointing``.
 """
 
 from __future__ import annotations
@@ -30,20 +41,25 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from pydantic import Field
 
 from resp_core import hookimpl
 from resp_core.interfaces import CalibrationSet, Params, RunContext, Scorer, Scores
-from resp_core.scoring import accumulate_gradients, aggregate, normalize_scores, release_gradients, weight_map
+from resp_core.scoring import check_scores, gradient_pass, normalize_scores, release_gradients, taylor_unit_scores
 
 
 class TaylorScorer(Scorer):
     """First-order Taylor |W·∂L/∂W| per structure; decode-only loss (RESP, Eq. 4-5)."""
 
+    name = "resp"
+
     class Params(Params):
         loss: Literal["decode", "full"] = "decode"
+        reduction: Literal["sample_mean", "token_mean"] = "sample_mean"
         normalize: Literal["block_constant", "per_parameter", "mean", "none"] = "block_constant"
         granularity: Literal["element", "group"] = "element"  # |Σ_S w·g| when 'group'
-        batch_size: int = 16
+        batch_size: int = Field(16, ge=1)  # no effect on the scores, only on memory and speed
+        gradient_checkpointing: bool = False  # recompute layer activations in backward (less memory)
 
     def __init__(self, params: "TaylorScorer.Params | None" = None):
         self.params = params or self.Params()
@@ -51,24 +67,25 @@ class TaylorScorer(Scorer):
     def score(self, ctx: RunContext, calibration: CalibrationSet) -> Scores:
         p = self.params
         adapter = ctx.adapter
-        mean_loss = accumulate_gradients(ctx.model, adapter, calibration, p.loss, p.batch_size, ctx.progress,
-                                         description=f"Scoring ({p.loss} loss)")
-
-        def saliency(layer: int):
-            if p.granularity == "element":
-                return weight_map(adapter, layer, lambda lin: (lin.weight * lin.weight.grad).abs())
-            return weight_map(adapter, layer, lambda lin: lin.weight * lin.weight.grad)
-
-        raw = aggregate(adapter, saliency)
+        gp = gradient_pass(ctx.model, adapter, calibration, loss=p.loss, reduction=p.reduction,
+                           batch_size=p.batch_size, gradient_checkpointing=p.gradient_checkpointing,
+                           progress=ctx.progress, description=f"Scoring ({p.loss} loss)", step=ctx.step)
+        try:
+            raw = taylor_unit_scores(adapter, gp, signed=p.granularity == "group", step=ctx.step)
+        finally:
+            gp.release()
+            release_gradients(adapter)
         if p.granularity == "group":
             raw = {k: v.abs() for k, v in raw.items()}
-        release_gradients(adapter)
         values = normalize_scores(raw, p.normalize, adapter, ctx.structures.costs)
-        return Scores(values, {"calibration_loss": torch.tensor([mean_loss])})
+        check_scores(values, ctx.step, ctx.structures, ctx.mask, scorer=self.name)
+        return Scores(values, {"calibration_loss": torch.tensor([gp.loss])})
 
 
 class GISPScorer(TaylorScorer):
     """GISP: first-order Taylor |W·∂L/∂W| with the full-sequence loss, block-wise normalization."""
+
+    name = "gisp"
 
     class Params(TaylorScorer.Params):
         loss: Literal["decode", "full"] = "full"
