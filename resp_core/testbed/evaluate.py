@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..interfaces import Progress, SamplingParams
+from ..interfaces import Progress
 
 
 def load_any(model: str):
@@ -25,6 +25,10 @@ def load_any(model: str):
 
 def evaluate_testbed(model: str, num: int, temperature: float, seed: int, progress: Progress | None = None,
                      batch_size: int = 250) -> dict:
+    """``task_accuracy``'s loop on the testbed task: ``num`` test problems chosen by ``seed``,
+    sampled once with ``seed`` at ``temperature`` (200 new tokens)."""
+    from resp_plugins.calibration.self_generated import SamplingSettings
+    from resp_plugins.evaluators.task_accuracy import measure
     from resp_plugins.generators.hf import HFGenerator
     from resp_plugins.tasks.testbed_arith import TestbedArithmetic
 
@@ -32,13 +36,12 @@ def evaluate_testbed(model: str, num: int, temperature: float, seed: int, progre
     gen = HFGenerator(HFGenerator.Params(batch_size=batch_size))
     gen.bind(m, tok)
     task = TestbedArithmetic()
-    items = task.items("test", num, seed)
-    sampling = SamplingParams(temperature=temperature, do_sample=temperature > 0, max_new_tokens=200, seed=seed)
-    comps = gen.generate([it.messages for it in items], sampling, progress, "Evaluating testbed")
-    correct = [task.is_correct(c.text, it) for c, it in zip(comps, items)]
+    res = measure(task, gen, "test", num, seed, [seed],
+                  SamplingSettings(temperature=temperature, max_new_tokens=200), progress, ci=False)
+    name = task.name
     return {
-        "accuracy": sum(correct) / len(items),
-        "finished": sum(c.finished for c in comps) / len(items),
-        "mean_tokens": sum(len(c.completion_ids) for c in comps) / len(items),
-        "completions": [c.text for c in comps],
+        "accuracy": res.metrics[f"{name}/accuracy"],
+        "finished": res.metrics[f"{name}/finished"],
+        "mean_tokens": res.metrics[f"{name}/mean_tokens"],
+        "completions": [r["completion"] for r in res.records],
     }
