@@ -38,7 +38,7 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except RespError as exc:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+            raise typer.Exit(getattr(exc, "exit_code", 2)) from None
     return wrapper
 
 
@@ -92,24 +92,36 @@ def results_table(rows: list[dict], title: str) -> Table:
 @app.command()
 @user_errors
 def run(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (default: the built-in testbed demo)."),
-        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (must not exist).")):
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (must not exist)."),
+        resume: Optional[Path] = typer.Option(None, "--resume", metavar="RUN_DIR",
+                                              help="Continue an interrupted, failed or stale run from its last "
+                                                   "completed step (its own recipe.yaml is used).")):
     """Prune a model as a recipe says; write everything to a new run folder."""
-    from .pipeline import run_recipe
+    from .pipeline import resume_run, run_recipe
     from .progress import RichProgressReporter
     from .rundir import RunDir
-
-    resolved, source = _load(recipe)
-    run_path = out or (Path(resolved.recipe.output.dir) if resolved.recipe.output.dir else _default_run_dir(resolved.recipe.name))
-    RunDir.check_new(run_path)
-    console.print(f"[bold]RESP[/] running [cyan]{source}[/] into [cyan]{run_path}[/]")
 
     def on_row(row):
         accs = {k: v for k, v in row.items() if k.endswith("/accuracy")}
         shown = ", ".join(f"{k} {v:.1%}" for k, v in accs.items())
         console.print(f"  sparsity {row['sparsity']:.1%}: {row['parameters'] / 1e6:.3f}M parameters {shown}")
 
-    result = run_recipe(resolved, run_path, RichProgressReporter(console), on_row=on_row)
-    console.print(results_table(result.rows, f"{resolved.recipe.name}: accuracy per milestone"))
+    if resume is not None:
+        if recipe is not None or out is not None:
+            raise RespError("--resume: give only the run folder (its recipe.yaml is used; no RECIPE or --out)")
+        RunDir.open_resumable(resume)
+        console.print(f"[bold]RESP[/] resuming [cyan]{resume}[/]")
+        result = resume_run(resume, RichProgressReporter(console), on_row=on_row)
+        name = result.run_dir.read_json("run.json").get("name", resume.name)
+    else:
+        resolved, source = _load(recipe)
+        run_path = out or (Path(resolved.recipe.output.dir) if resolved.recipe.output.dir
+                           else _default_run_dir(resolved.recipe.name))
+        RunDir.check_new(run_path)
+        console.print(f"[bold]RESP[/] running [cyan]{source}[/] into [cyan]{run_path}[/]")
+        result = run_recipe(resolved, run_path, RichProgressReporter(console), on_row=on_row)
+        name = resolved.recipe.name
+    console.print(results_table(result.rows, f"{name}: accuracy per milestone"))
     if result.compaction_max_abs_diff is not None:
         console.print(f"compacted model: {result.run_dir.file('model')} "
                       f"(max |logit diff| vs masked model: {result.compaction_max_abs_diff:.2e})")

@@ -23,6 +23,16 @@ class NumericalError(RunFailed):
     layer and unit kind."""
 
 
+class RunInterrupted(RunFailed):
+    """SIGTERM or SIGINT during a run: the run folder is kept with ``status: interrupted`` and
+    continues with ``respctl run --resume``.  The CLI exits with 128 + the signal number."""
+
+    def __init__(self, message: str, signum: int = 15):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
 def did_you_mean(name: str, choices) -> str:
     close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)
     return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""

@@ -9,9 +9,28 @@
         if step.milestone:
             evaluate; save masks/milestone_s
             if step.regenerate_fraction: calibration = source.regenerate(calibration, ρ)
+        checkpoint: resume/step_XX.*
     compact, check against the masked model, save
 
-Everything is recorded in the run folder as it happens.
+Everything is recorded in the run folder as it happens, through the atomic writers of
+:mod:`resp_core.rundir`.
+
+**Resume.**  After step 0 (dense evaluation and the first calibration generation) and after every
+step, a checkpoint ``resume/step_XX.json`` records what the next step depends on: the mask
+(``resume/step_XX.mask.safetensors``), the model weights when the scorer edits them
+(``before_removal`` overridden: ``resume/step_XX.weights.safetensors``; otherwise the weights are
+the dense ones with the mask applied), the current calibration generation (file and sha256), the
+metric rows so far, the calibration source's state (``state_dict()``/``load_state_dict()`` when the
+source has them) and the RNG states (torch, CUDA, python ``random``, numpy).  The JSON is written
+last and is the commit point.  :func:`resume_run` (``respctl run --resume DIR``) loads the folder's
+recipe and model, restores the latest checkpoint and runs the remaining steps; since every step
+is a deterministic function of that state, the finished folder is byte-identical to an
+uninterrupted run's (``run.json``'s ``process`` object aside).  The checkpoints are removed when
+the run finishes.
+
+**Failures.**  A user error found mid-run removes the folder the run created; a run-time failure
+(:class:`RunFailed`, a write the disk refuses) keeps it with ``status: failed``; SIGTERM/SIGINT
+keep it with ``status: interrupted`` (:class:`RunInterrupted`).  Each is one line for the CLI.
 """
 
 from __future__ import annotations
@@ -19,23 +38,27 @@ from __future__ import annotations
 import json
 import platform
 import shutil
-import time
+import signal
+import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from . import __version__
-from .errors import RespError
+from .errors import RespError, RunFailed, RunInterrupted
 from .fingerprint import model_fingerprint
-from .interfaces import CalibrationSet, Progress, RunContext
+from .interfaces import CalibrationSample, CalibrationSet, Progress, RunContext, Scorer
 from .loading import load_model_and_tokenizer
-from .model.adapter import adapter_for
+from .model.adapter import DecoderAdapter, adapter_for
 from .model.compaction import compacted_copy, save_pruned
 from .model.masks import MaskSet, apply_mask, kept_parameter_count, sparsity_of
 from .model.structures import build_structures
 from .recipe import ResolvedRecipe, dump_recipe
-from .rundir import RunDir, source_commit, write_json, write_jsonl
+from .rundir import (CHECKPOINT_DIR, RunDir, RunRecord, atomic_file, atomic_write_text, kill_point, rng_state,
+                     seed_everything, set_rng_state, sha256_file, source_commit, write_failed, write_json,
+                     write_jsonl)
 
 
 @dataclass
@@ -95,6 +118,7 @@ def evaluate_point(resolved: ResolvedRecipe, ctx: RunContext, run_dir: RunDir, l
         metrics.update(res.metrics)
         if res.records:
             write_jsonl(run_dir.file("eval", f"{label}_{i}_{name}.jsonl"), res.records)
+        kill_point("evaluate")
     return metrics
 
 
@@ -103,68 +127,158 @@ def run_recipe(resolved: ResolvedRecipe, run_path, progress: Progress | None = N
     """Run a resolved recipe into a new run folder at ``run_path``.
 
     A user error found only while running (e.g. a calibration source that yields too few
-    samples) removes the folder this call created, so bad input leaves nothing behind; any
-    other failure leaves the folder with ``status: failed`` in ``run.json`` for inspection."""
+    samples) removes the folder this call created, so bad input leaves nothing behind; a
+    run-time failure leaves it with ``status: failed`` (SIGTERM/SIGINT: ``interrupted``) in
+    ``run.json``, ready for :func:`resume_run`."""
     RunDir.check_new(run_path)
     model, tokenizer = model_and_tokenizer or load_model_and_tokenizer(resolved.recipe.model)
     run_dir = RunDir.create(run_path)
+    return _guarded(run_dir, RunRecord(run_dir.file("run.json")), True,
+                    lambda record: _run(resolved, run_dir, record, model, tokenizer, progress or Progress(), on_row,
+                                        resume=False))
+
+
+def resume_run(run_path, progress: Progress | None = None, on_row: Callable[[dict], None] | None = None,
+               model_and_tokenizer=None) -> RunResult:
+    """Continue an interrupted, failed or stale run from its last checkpoint (``respctl run --resume``)."""
+    from .recipe import parse_recipe, resolve
+
+    run_dir = RunDir.open_resumable(Path(run_path))
+    info = run_dir.info()
+    recipe_file = run_dir.file("recipe.yaml")
+    resolved = resolve(parse_recipe(recipe_file.read_text(), str(recipe_file)))
+    model, tokenizer = model_and_tokenizer or load_model_and_tokenizer(resolved.recipe.model)
+    saved = info.get("model_fingerprint")
+    if saved and saved != model_fingerprint(model):
+        raise RespError(f"--resume: model {resolved.recipe.model.path!r} is not the model this run started from "
+                        f"(fingerprint {model_fingerprint(model)}, run.json has {saved}); nothing was changed")
+    run_dir.remove_temporaries()
+    return _guarded(run_dir, RunRecord(run_dir.file("run.json"), info), False,
+                    lambda record: _run(resolved, run_dir, record, model, tokenizer, progress or Progress(), on_row,
+                                        resume=True))
+
+
+def _raise_interrupt(signum, frame):
+    raise RunInterrupted(f"interrupted by {signal.Signals(signum).name}", signum)
+
+
+def _guarded(run_dir: RunDir, record: RunRecord, created: bool, body: Callable[[RunRecord], RunResult]) -> RunResult:
+    """Run ``body`` with SIGTERM/SIGINT turned into :class:`RunInterrupted` and every way out
+    recorded in ``run.json``: finished, interrupted, failed (one line), or removed (a user error
+    in a run folder this call created)."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, _raise_interrupt)
+
+    def restore_signals():
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        previous.clear()
+
+    resume_hint = f"continue with `respctl run --resume {run_dir.path}`"
     try:
-        return _run(resolved, run_dir, model, tokenizer, progress or Progress(), on_row)
-    except RespError:
-        shutil.rmtree(run_dir.path, ignore_errors=True)
+        return body(record)
+    except (RunInterrupted, KeyboardInterrupt) as exc:
+        restore_signals()
+        if record.info.get("status") == "finished":
+            raise
+        signum = getattr(exc, "signum", signal.SIGINT)
+        message = f"run {run_dir.path} interrupted by {signal.Signals(signum).name}"
+        note = record.end("interrupted", error=message)
+        raise RunInterrupted(f"{message}; {resume_hint}" + (f" ({note})" if note else ""), signum) from None
+    except RunFailed as exc:
+        restore_signals()
+        note = record.end("failed", error=str(exc))
+        raise RunFailed(f"{exc} (run folder {run_dir.path} kept, status failed; {resume_hint})"
+                        + (f"; {note}" if note else "")) from None
+    except RespError as exc:
+        restore_signals()
+        if created:
+            record.stop()
+            shutil.rmtree(run_dir.path, ignore_errors=True)
+        else:
+            record.end("failed", error=str(exc))
         raise
+    except OSError as exc:
+        restore_signals()
+        failed = write_failed(Path(exc.filename) if exc.filename else run_dir.path, exc)
+        note = record.end("failed", error=str(failed))
+        raise RunFailed(f"{failed} (run folder {run_dir.path} kept, status failed; {resume_hint})"
+                        + (f"; {note}" if note else "")) from None
     except BaseException as exc:
-        info_file = run_dir.file("run.json")
-        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
-        info.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-        write_json(info_file, info)
+        restore_signals()
+        record.end("failed", error=f"{type(exc).__name__}: {exc}")
         raise
+    finally:
+        restore_signals()
+        record.stop()
 
 
-def _run(resolved: ResolvedRecipe, run_dir: RunDir, model, tokenizer, progress: Progress,
-         on_row: Callable[[dict], None] | None) -> RunResult:
+def _run(resolved: ResolvedRecipe, run_dir: RunDir, record: RunRecord, model, tokenizer, progress: Progress,
+         on_row: Callable[[dict], None] | None, resume: bool) -> RunResult:
     recipe = resolved.recipe
-    torch.manual_seed(recipe.seed)
-    started = time.time()
-    (run_dir.file("recipe.yaml")).write_text(dump_recipe(recipe))
     ctx = build_context(resolved, model, tokenizer, progress)
-    dense_params = ctx.adapter.parameter_count()
-    info = {
-        "status": "running", "name": recipe.name, "resp_version": __version__, "commit": source_commit(),
-        "torch": torch.__version__, "python": platform.python_version(),
-        "model": recipe.model.path, "model_fingerprint": model_fingerprint(model), "seed": recipe.seed,
-        "dense_parameters": dense_params,
-        "prunable_parameters": ctx.structures.prunable_parameter_total(),
-        "protected_layers": [i for i, p in enumerate(ctx.structures.prunable_layers.tolist()) if not p],
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    write_json(run_dir.file("run.json"), info)
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if checkpoint is None:
+        seed_everything(recipe.seed)
+        atomic_write_text(run_dir.file("recipe.yaml"), dump_recipe(recipe))
+        dense_params = ctx.adapter.parameter_count()
+        record.info = {
+            "status": "running", "name": recipe.name, "resp_version": __version__, "commit": source_commit(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "model": recipe.model.path, "model_fingerprint": model_fingerprint(model), "seed": recipe.seed,
+            "dense_parameters": dense_params,
+            "prunable_parameters": ctx.structures.prunable_parameter_total(),
+            "protected_layers": [i for i, p in enumerate(ctx.structures.prunable_layers.tolist()) if not p],
+            **({"process": record.info["process"]} if "process" in record.info else {}),
+        }
+    else:
+        dense_params = record.info["dense_parameters"]
+        progress.log(f"resuming {run_dir.path} after step {checkpoint['step']}")
+    record.begin(resumed_from=(checkpoint["step"] if checkpoint else 0) if resume else None)
     result = RunResult(run_dir)
+    edits_weights = type(resolved.scorer).before_removal is not Scorer.before_removal
 
-    def record(row: dict) -> None:
+    def record_row(row: dict) -> None:
         result.rows.append(row)
         write_json(run_dir.file("metrics.json"), result.rows)
         if on_row:
             on_row(row)
 
-    if recipe.evaluation.evaluate_dense and resolved.evaluators:
-        metrics = evaluate_point(resolved, ctx, run_dir, "dense")
-        record({"step": 0, "sparsity": 0.0, "target": 0.0, "parameters": dense_params, "milestone": True,
-                **metrics})
-
-    samples = resolved.calibration.build(ctx)
-    if not samples:
-        raise RespError("calibration: the source produced no samples")
-    generation = 0
-    write_jsonl(run_dir.file("calibration", f"generation_{generation:02d}.jsonl"), _calibration_rows(samples))
-    trace_stats = _trace_stats(samples)
-    mask = ctx.mask
-    costs = ctx.structures.costs
     steps = resolved.schedule.steps()
+    if checkpoint is None:
+        if recipe.evaluation.evaluate_dense and resolved.evaluators:
+            metrics = evaluate_point(resolved, ctx, run_dir, "dense")
+            record_row({"step": 0, "sparsity": 0.0, "target": 0.0, "parameters": dense_params, "milestone": True,
+                        **metrics})
+
+        samples = resolved.calibration.build(ctx)
+        kill_point("generate")
+        if not samples:
+            raise RespError("calibration: the source produced no samples")
+        generation = 0
+        write_jsonl(run_dir.file("calibration", f"generation_{generation:02d}.jsonl"), _calibration_rows(samples))
+        trace_stats = _trace_stats(samples)
+        mask = ctx.mask
+        first = 1
+        save_checkpoint(run_dir, 0, len(steps), mask, model if edits_weights else None, generation,
+                        result.rows, trace_stats, resolved.calibration)
+    else:
+        generation, trace_stats = checkpoint["generation"], checkpoint["trace_stats"]
+        samples, mask = restore_checkpoint(run_dir, checkpoint, ctx, resolved.calibration)
+        result.rows = list(checkpoint["rows"])
+        write_json(run_dir.file("metrics.json"), result.rows)
+        first = checkpoint["step"] + 1
+        set_rng_state(checkpoint["rng"])
+    costs = ctx.structures.costs
     for k, step in enumerate(steps, start=1):
+        if k < first:
+            continue
         ctx.step, ctx.target = k, step.sparsity
         calib = CalibrationSet(samples, tokenizer.pad_token_id)
         scores = resolved.scorer.score(ctx, calib)
+        kill_point("score")
         resolved.allocator.prepare(ctx, calib)
         new_mask = resolved.allocator.allocate(scores, ctx.structures, mask, step.sparsity)
         if not new_mask.is_subset_of(mask):
@@ -176,36 +290,134 @@ def _run(resolved: ResolvedRecipe, run_dir: RunDir, model, tokenizer, progress: 
         mask.save(run_dir.file("masks", f"step_{k:02d}.safetensors"),
                   {"target": step.sparsity, "sparsity": reached, "step": k})
         progress.log(f"step {k}/{len(steps)}: target {step.sparsity:.3f}, reached {reached:.3f}")
-        if not step.milestone:
-            continue
-        mask.save(run_dir.file("masks", f"milestone_{step.sparsity:.2f}.safetensors"),
-                  {"target": step.sparsity, "sparsity": reached, "step": k})
-        if recipe.output.save_milestone_models:
-            milestone_model, milestone_record = compacted_copy(model, mask)
-            save_pruned(milestone_model, milestone_record, run_dir.file("models", f"milestone_{step.sparsity:.2f}"),
-                        tokenizer)
-            del milestone_model
-        metrics = evaluate_point(resolved, ctx, run_dir, f"milestone_{step.sparsity:.2f}") if resolved.evaluators else {}
-        record({"step": k, "sparsity": round(reached, 4), "target": step.sparsity,
-                "parameters": kept_parameter_count(ctx.adapter, mask, costs), "milestone": True,
-                **trace_stats, **metrics})
-        if step.regenerate_fraction > 0 and resolved.calibration.regenerable:
-            samples = resolved.calibration.regenerate(ctx, samples, step.regenerate_fraction)
-            generation += 1
-            write_jsonl(run_dir.file("calibration", f"generation_{generation:02d}.jsonl"),
-                        _calibration_rows(samples))
-            trace_stats = _trace_stats(samples)
+        if step.milestone:
+            mask.save(run_dir.file("masks", f"milestone_{step.sparsity:.2f}.safetensors"),
+                      {"target": step.sparsity, "sparsity": reached, "step": k})
+            if recipe.output.save_milestone_models:
+                milestone_model, milestone_record = compacted_copy(model, mask)
+                save_pruned(milestone_model, milestone_record,
+                            run_dir.file("models", f"milestone_{step.sparsity:.2f}"), tokenizer)
+                del milestone_model
+            metrics = (evaluate_point(resolved, ctx, run_dir, f"milestone_{step.sparsity:.2f}")
+                       if resolved.evaluators else {})
+            record_row({"step": k, "sparsity": round(reached, 4), "target": step.sparsity,
+                        "parameters": kept_parameter_count(ctx.adapter, mask, costs), "milestone": True,
+                        **trace_stats, **metrics})
+            if step.regenerate_fraction > 0 and resolved.calibration.regenerable:
+                samples = resolved.calibration.regenerate(ctx, samples, step.regenerate_fraction)
+                kill_point("generate")
+                generation += 1
+                write_jsonl(run_dir.file("calibration", f"generation_{generation:02d}.jsonl"),
+                            _calibration_rows(samples))
+                trace_stats = _trace_stats(samples)
+        save_checkpoint(run_dir, k, len(steps), mask, model if edits_weights else None, generation,
+                        result.rows, trace_stats, resolved.calibration)
     result.final_mask = mask
 
+    info = record.info
     if recipe.output.save_model:
         compact_model, record_json = compacted_copy(model, mask)
         result.compaction_max_abs_diff = compaction_check(model, compact_model, samples, tokenizer.pad_token_id)
         save_pruned(compact_model, record_json, run_dir.file("model"), tokenizer)
         info["compacted_parameters"] = sum(p.numel() for p in {id(p): p for p in compact_model.parameters()}.values())
         info["compaction_max_abs_logit_diff"] = result.compaction_max_abs_diff
-    info.update(status="finished", seconds=round(time.time() - started, 1), final_sparsity=sparsity_of(mask, ctx.structures))
-    write_json(run_dir.file("run.json"), info)
+    record.stop()
+    record.write(status="finished", final_sparsity=sparsity_of(mask, ctx.structures))
+    shutil.rmtree(run_dir.file(CHECKPOINT_DIR), ignore_errors=True)
     return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints (resume/step_XX.*): written after every step, the JSON last
+# --------------------------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = 1
+
+
+def _generation_file(generation: int) -> str:
+    return f"calibration/generation_{generation:02d}.jsonl"
+
+
+def save_checkpoint(run_dir: RunDir, step: int, n_steps: int, mask: MaskSet, weights_of, generation: int,
+                    rows: list[dict], trace_stats: dict, source) -> None:
+    """Everything step ``step + 1`` depends on; ``weights_of``: the model when the scorer edits
+    weights (else None: the weights are the dense ones with ``mask`` applied)."""
+    from safetensors.torch import save_model
+
+    folder = run_dir.file(CHECKPOINT_DIR)
+    name = f"step_{step:02d}"
+    mask.save(folder / f"{name}.mask.safetensors", {"step": step})
+    weights = None
+    if weights_of is not None:
+        weights = f"{name}.weights.safetensors"
+        with atomic_file(folder / weights) as tmp:
+            save_model(weights_of, str(tmp))
+    calib = _generation_file(generation)
+    state_dict = getattr(source, "state_dict", None)
+    write_json(folder / f"{name}.json", {
+        "format": CHECKPOINT_FORMAT, "step": step, "steps": n_steps, "generation": generation,
+        "calibration_file": calib, "calibration_sha256": sha256_file(run_dir.file(calib)),
+        "mask_file": f"{name}.mask.safetensors", "weights_file": weights,
+        "rows": rows, "trace_stats": trace_stats,
+        "source_state": state_dict() if callable(state_dict) else None,
+        "rng": rng_state(),
+    })
+    for old in folder.iterdir():  # the older checkpoints are superseded
+        if old.name.startswith("step_") and not old.name.startswith(name + "."):
+            old.unlink(missing_ok=True)
+
+
+def latest_checkpoint(run_dir: RunDir) -> dict | None:
+    """The newest complete checkpoint (its JSON parses and its files are there), or None."""
+    folder = run_dir.file(CHECKPOINT_DIR)
+    if not folder.is_dir():
+        return None
+    for f in sorted(folder.glob("step_*.json"), reverse=True):
+        try:
+            state = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            continue
+        calib = run_dir.file(state["calibration_file"])
+        if not calib.is_file() or sha256_file(calib) != state["calibration_sha256"]:
+            continue
+        if not (folder / state["mask_file"]).is_file():
+            continue
+        if state.get("weights_file") and not (folder / state["weights_file"]).is_file():
+            continue
+        return state
+    return None
+
+
+def restore_checkpoint(run_dir: RunDir, state: dict, ctx: RunContext, source) -> tuple[list[CalibrationSample], MaskSet]:
+    """Put the model, mask and calibration source where they were after ``state['step']``."""
+    folder = run_dir.file(CHECKPOINT_DIR)
+    lines = run_dir.file(state["calibration_file"]).read_text().splitlines()
+    samples = [CalibrationSample.from_json(json.loads(line)) for line in lines if line.strip()]
+    if state.get("weights_file"):
+        _load_weights(ctx.model, folder / state["weights_file"])
+    mask = MaskSet.load(folder / state["mask_file"], ctx.adapter.geometry)
+    apply_mask(ctx.adapter, mask)
+    ctx.mask = mask
+    load_state = getattr(source, "load_state_dict", None)
+    if state.get("source_state") is not None and callable(load_state):
+        load_state(state["source_state"])
+    return samples, mask
+
+
+def _load_weights(model, path: Path) -> None:
+    """Load a full weight checkpoint, first creating the biases a scorer added (FLAP)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_model
+
+    with safe_open(str(path), framework="pt") as fh:
+        keys = list(fh.keys())
+    have = model.state_dict()
+    for key in keys:
+        if key not in have and key.endswith(".bias"):
+            DecoderAdapter.ensure_bias(model.get_submodule(key[: -len(".bias")]))
+    load_model(model, str(path), strict=True, device=str(next(model.parameters()).device))
 
 
 @torch.no_grad()
