@@ -19,6 +19,19 @@ with forward hooks on the projections it is asked about, found through the
 
 Only tokens with ``attention_mask == 1`` are counted (padding never is); with
 ``tokens="target"`` only positions whose next token carries the decode-only loss (Eq. 4) are.
+
+``sequential=True`` takes the statistics layer by layer through the already-pruned earlier
+layers, as Wanda does (locuslab/wanda ``lib/prune.py`` ``prune_wanda``: each layer's inputs are
+the outputs of the earlier layers after their pruning) and as the RESP authors' Wanda-sp does
+(uncc-efficient-ai/RESP ``resp/pruners/wanda_sp.py`` ``baseline_uniform_wanda`` with
+``act_type: sparse``): for each asked layer in order, the statistics of that layer's sites are
+collected in one pass (the layer itself still whole), then ``decide(layer, stats)`` returns the
+input channels of o_proj / down_proj that stay (``{"o": bool[in], "down": bool[in]}``, or None);
+the removed channels are zeroed at those projections' inputs for the passes of later layers.
+That equals removing the units (a head's o_proj columns, a channel's down_proj column) and
+changes no weight.  Each layer's pass runs the model up to that layer (early stop), so the cost
+is about L/2 full passes instead of the authors' one pass with cached hidden states; in exchange
+no decoder-layer call signature is needed.
 Sums are accumulated in float64 and Gram matrices in float32, on the model's device; Gram
 matrices are d × d per layer and site, so they are only built when ``gram=True``.  When only some
 layers are asked for, the forward pass stops after the last of them.
@@ -27,7 +40,7 @@ layers are asked for, the forward pass stops after the last of them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Callable, Iterable, Literal
 
 import torch
 
@@ -123,9 +136,19 @@ def token_selection(batch, tokens: str) -> torch.Tensor:
 def collect_input_stats(model: torch.nn.Module, adapter: DecoderAdapter, calibration: CalibrationSet, *,
                         sites: Iterable[str] = ("o", "down"), layers: Iterable[int] | None = None,
                         gram: bool = False, tokens: Literal["all", "target"] = "all", batch_size: int = 8,
-                        progress: Progress | None = None,
-                        description: str = "Collecting activations") -> dict[tuple[int, str], InputStats]:
-    """Statistics of the inputs of ``sites`` in ``layers`` (default: all) -> ``{(layer, site): stats}``."""
+                        progress: Progress | None = None, description: str = "Collecting activations",
+                        sequential: bool = False,
+                        decide: Callable[[int, dict[str, InputStats]], dict[str, torch.Tensor] | None] | None = None,
+                        ) -> dict[tuple[int, str], InputStats]:
+    """Statistics of the inputs of ``sites`` in ``layers`` (default: all) -> ``{(layer, site): stats}``.
+
+    ``sequential=True`` needs ``decide`` (see the module docstring)."""
+    if sequential:
+        if decide is None:
+            raise ValueError("sequential statistics need a decide(layer, stats) callback")
+        return _collect_sequential(model, adapter, calibration, sites=sites, layers=layers, gram=gram,
+                                   tokens=tokens, batch_size=batch_size, progress=progress,
+                                   description=description, decide=decide)
     sites = tuple(dict.fromkeys(sites))
     for s in sites:
         if s not in _SITE_ORDER:
@@ -186,4 +209,44 @@ def collect_input_stats(model: torch.nn.Module, adapter: DecoderAdapter, calibra
             else:  # no forward reached it (empty calibration set)
                 d = site_module(adapter, i, s).in_features
                 out[(i, s)] = _Accumulator(d, device, gram).freeze()
+    return out
+
+
+_MASKABLE = ("o", "down")  # sites whose input channels are units (heads' columns, MLP channels)
+
+
+def _collect_sequential(model, adapter: DecoderAdapter, calibration: CalibrationSet, *, sites, layers, gram,
+                        tokens, batch_size, progress, description, decide) -> dict[tuple[int, str], InputStats]:
+    n_layers = adapter.geometry.num_layers
+    layer_list = sorted(set(range(n_layers) if layers is None else layers))
+    out: dict[tuple[int, str], InputStats] = {}
+    handles = []
+
+    def zero_removed(keep: torch.Tensor):
+        def pre_hook(module, args):
+            x = args[0]
+            return (x * keep.to(device=x.device, dtype=x.dtype),) + tuple(args[1:])
+
+        return pre_hook
+
+    try:
+        for k, i in enumerate(layer_list):
+            stats = collect_input_stats(model, adapter, calibration, sites=sites, layers=[i], gram=gram,
+                                        tokens=tokens, batch_size=batch_size, progress=progress,
+                                        description=f"{description} (layer {k + 1}/{len(layer_list)})")
+            out.update(stats)
+            keep = decide(i, {s: stats[(i, s)] for s in dict.fromkeys(sites)}) or {}
+            for site, mask in keep.items():
+                if site not in _MASKABLE:
+                    raise ValueError(f"decide() may only mask the inputs of {_MASKABLE}, not {site!r}")
+                mask = mask.reshape(-1).bool()
+                module = site_module(adapter, i, site)
+                if mask.numel() != module.in_features:
+                    raise ValueError(f"decide(): layer {i} {site} mask has {mask.numel()} entries, "
+                                     f"the projection {module.in_features} inputs")
+                if not bool(mask.all()):
+                    handles.append(module.register_forward_pre_hook(zero_removed(mask)))
+    finally:
+        for h in handles:
+            h.remove()
     return out

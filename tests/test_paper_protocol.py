@@ -96,3 +96,119 @@ def test_pack_windows_cuts_the_token_stream():
     assert all(w.prompt_ids == [] for w in windows)
     calib = CalibrationSet(windows, 0)
     assert calib.target_token_count("decode") == 3 + 3 + 2  # every token after the first is a target
+
+
+# --------------------------------------------------------------------------------------------------
+# Wanda-sp: sequential statistics through the already-pruned earlier layers
+# --------------------------------------------------------------------------------------------------
+
+
+def _random_calibration(n=3, length=10, vocab=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return CalibrationSet([CalibrationSample([], torch.randint(3, vocab, (length + k,), generator=g).tolist())
+                           for k in range(n)], pad_id=0)
+
+
+def test_sequential_stats_see_the_pruned_earlier_layers():
+    import copy
+
+    from resp_core.activations import collect_input_stats
+    from resp_core.model.masks import MaskSet, apply_mask
+
+    model = tiny_qwen3(seed=1)
+    adapter = adapter_for(model)
+    g = adapter.geometry
+    calib = _random_calibration()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dense = collect_input_stats(model, adapter, calib, sites=("o", "down"))
+    # layer 1 loses query head 0 and MLP channels 0..5; nothing else is removed
+    removed = MaskSet.full(g)
+    removed.q_head[1, 0] = False
+    removed.mlp_channel[1, :6] = False
+    seen = []
+
+    def decide(i, stats):
+        seen.append(i)
+        if i != 1:
+            return None
+        e = removed.effective()
+        return {"o": e.q_head[1].repeat_interleave(g.head_dim), "down": e.mlp_channel[1]}
+
+    seq = collect_input_stats(model, adapter, calib, sites=("o", "down"), sequential=True, decide=decide)
+    assert seen == [0, 1, 2, 3]
+    for k, v in before.items():  # nothing in the model changed
+        assert torch.equal(model.state_dict()[k], v)
+    # layers 0 and 1 are measured before layer 1 is pruned: the dense statistics
+    for i in (0, 1):
+        for site in ("o", "down"):
+            assert torch.allclose(seq[(i, site)].sum_sq, dense[(i, site)].sum_sq)
+    # layer 2 sees the pruned layer 1: different from dense, equal to the masked model's statistics
+    assert not torch.allclose(seq[(2, "o")].sum_sq, dense[(2, "o")].sum_sq)
+    manual_model = copy.deepcopy(model)
+    manual_adapter = adapter_for(manual_model)
+    apply_mask(manual_adapter, removed)
+    manual = collect_input_stats(manual_model, manual_adapter, calib, sites=("o", "down"), layers=[2, 3])
+    for i in (2, 3):
+        for site in ("o", "down"):
+            assert seq[(i, site)].count == manual[(i, site)].count
+            assert torch.allclose(seq[(i, site)].sum_sq, manual[(i, site)].sum_sq, rtol=1e-5, atol=1e-7)
+            assert torch.allclose(seq[(i, site)].sum, manual[(i, site)].sum, rtol=1e-5, atol=1e-7)
+
+
+def test_sequential_wanda_equals_layer_by_layer_manual_pruning():
+    import copy
+
+    from resp_core.activations import collect_input_stats
+    from resp_core.interfaces import Scores
+    from resp_core.model.masks import MaskSet, apply_mask
+    from resp_plugins.allocators.global_rank import UniformPerLayer
+    from resp_plugins.scorers.activation_based import WandaSP, unit_scores, wanda_channel_metric
+
+    model = tiny_qwen3(seed=2)
+    adapter = adapter_for(model)
+    g = adapter.geometry
+    spec = StructureSpec(attention="q_head", protected_layers=(0,))
+    structures = build_structures(adapter, spec)
+    calib = _random_calibration(seed=3)
+    allocator = UniformPerLayer()
+    ctx = RunContext(model=model, tokenizer=None, adapter=adapter, structures=structures, generator=None,
+                     tasks=None, mask=MaskSet.full(g), target=0.5, allocator=allocator)
+    scorer = WandaSP(WandaSP.Params(sequential=True, batch_size=2))
+    scores = scorer.score(ctx, calib)
+    mask = allocator.allocate(scores, structures, MaskSet.full(g), 0.5)
+    # by hand: layer i scored on the model whose layers < i carry the final mask
+    for i in (1, 2, 3):
+        partial = MaskSet.full(g)
+        for kind in ("q_head", "mlp_channel"):
+            partial[kind][:i] = mask[kind][:i]
+        m = copy.deepcopy(model)
+        ad = adapter_for(m)
+        apply_mask(ad, partial)
+        st = collect_input_stats(m, ad, calib, sites=("o", "down"), layers=[i])
+        attn = wanda_channel_metric(ad.attention_input(i).weight, st[(i, "o")].norm())
+        mlp = wanda_channel_metric(ad.mlp_input(i).weight, st[(i, "down")].norm())
+        want = unit_scores(g, attn[None], mlp[None])
+        assert torch.allclose(scores.values["q_head"][i], want["q_head"][0], rtol=1e-5)
+        assert torch.allclose(scores.values["mlp_channel"][i], want["mlp_channel"][0], rtol=1e-5)
+        # and the allocator's choice for that layer is the uniform one on those scores
+        alone = allocator.allocate(Scores({k: v.expand(g.num_layers, -1).clone() for k, v in want.items()
+                                           if k in ("q_head", "mlp_channel")}), structures, MaskSet.full(g), 0.5)
+        assert torch.equal(alone.q_head[i], mask.q_head[i]) and torch.equal(alone.mlp_channel[i], mask.mlp_channel[i])
+    assert not bool(mask.q_head[0].logical_not().any())  # protected layer untouched
+    # layer 2's scores differ from one-pass (dense) statistics
+    dense = WandaSP(WandaSP.Params(batch_size=2)).score(ctx, calib)
+    assert not torch.allclose(dense.values["mlp_channel"][2], scores.values["mlp_channel"][2])
+
+
+def test_sequential_wanda_needs_a_per_layer_allocator(tmp_path):
+    import pytest
+
+    from resp_core.errors import RespError
+    from resp_core.recipe import Recipe, resolve
+
+    base = {"name": "x", "calibration": {"name": "task_data"}, "structures": {"attention": "q_head"},
+            "scorer": {"name": "wanda_sp", "params": {"sequential": True}},
+            "schedule": {"name": "oneshot", "params": {"target": 0.2}}}
+    with pytest.raises(RespError, match=r"scorer.params.sequential: needs an allocator that decides layer by layer"):
+        resolve(Recipe.model_validate(base))
+    resolve(Recipe.model_validate(dict(base, allocator={"name": "uniform"})))

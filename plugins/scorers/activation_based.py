@@ -163,14 +163,39 @@ class WandaSP(_ActivationScorer):
     scores or removes K/V projections: that is ``structures.attention: q_head`` here; with
     ``kv_group`` a group's score is the sum of its query heads (K/V weights unscored) and the K/V
     rows go with it.  ``head_dim`` comes from the config (RESP's code uses hidden/heads, wrong on
-    Qwen3).  Pruning is progressive over the schedule's steps with statistics recomputed on the
-    masked model each step (theirs: one shot, layer by layer, each layer seeing the previous
-    pruned layers' outputs).
+    Qwen3).
+
+    Statistics: by default one pass over the current (masked) model, and pruning progressive
+    over the schedule's steps.  The authors' protocol (uncc-efficient-ai/RESP
+    ``resp/pruners/wanda_sp.py`` ``baseline_uniform_wanda``, ``act_type: sparse``; Wanda's own
+    ``prune_wanda`` in locuslab/wanda ``lib/prune.py``) is one shot from the dense model per
+    target sparsity (``schedule: oneshot``; ``respctl compare`` runs such a method once per
+    sparsity, each from dense), statistics taken layer by layer through the already-pruned
+    earlier layers (``sequential: true``), on the gold-thinking text cut into 256-token windows
+    (``calibration: task_data`` with ``pack: 256``).  ``sequential`` asks the run's allocator,
+    which must allocate layer by layer (``allocator: uniform``), what it removes in each layer
+    before the next layer's statistics are taken (:func:`resp_core.activations.collect_input_stats`).
     """
 
     name = "wanda_sp"
 
+    class Params(_ActivationScorer.Params):
+        sequential: bool = False
+
+    def check_recipe(self, recipe, path: str) -> None:
+        super().check_recipe(recipe, path)
+        if self.params.sequential:
+            from resp_core.registry import get_registry
+
+            name = recipe.allocator.name
+            factory = get_registry().get("allocator", name, "allocator").factory
+            if not getattr(factory, "per_layer", name == "uniform"):
+                raise RespError(f"{path}.params.sequential: needs an allocator that decides layer by layer "
+                                f"(allocator: uniform), not {name!r}")
+
     def score(self, ctx: RunContext, calibration: CalibrationSet) -> Scores:
+        if self.params.sequential:
+            return self._score_sequential(ctx, calibration)
         a = ctx.adapter
         stats = self._collect(ctx, calibration, sites=("o", "down"))
         attn, mlp = [], []
@@ -178,6 +203,26 @@ class WandaSP(_ActivationScorer):
             attn.append(wanda_channel_metric(a.attention_input(i).weight, stats[(i, "o")].norm()).cpu())
             mlp.append(wanda_channel_metric(a.mlp_input(i).weight, stats[(i, "down")].norm()).cpu())
         return self._finish(ctx, torch.stack(attn), torch.stack(mlp))
+
+    def _score_sequential(self, ctx: RunContext, calibration: CalibrationSet) -> Scores:
+        a, g = ctx.adapter, ctx.adapter.geometry
+        if ctx.allocator is None or ctx.target is None:
+            raise ValueError("sequential Wanda-sp needs the run's allocator and target (ctx.allocator, ctx.target)")
+        attn = torch.zeros(g.num_layers, g.num_heads * g.head_dim, dtype=torch.float64)
+        mlp = torch.zeros(g.num_layers, g.intermediate_size, dtype=torch.float64)
+        mask = ctx.mask or MaskSet.full(g)
+        alive = mask.effective().layer[:, 0]
+        layers = [i for i in range(g.num_layers) if bool(ctx.structures.prunable_layers[i]) and bool(alive[i])]
+
+        def decide(i: int, stats: dict) -> dict[str, torch.Tensor]:
+            attn[i] = wanda_channel_metric(a.attention_input(i).weight, stats["o"].norm()).cpu()
+            mlp[i] = wanda_channel_metric(a.mlp_input(i).weight, stats["down"].norm()).cpu()
+            # a per-layer allocator's decision for layer i depends on layer i's scores only
+            e = ctx.allocator.allocate(self._finish(ctx, attn, mlp), ctx.structures, mask, ctx.target).effective()
+            return {"o": e.q_head[i].repeat_interleave(g.head_dim), "down": e.mlp_channel[i]}
+
+        self._collect(ctx, calibration, sites=("o", "down"), layers=layers, sequential=True, decide=decide)
+        return self._finish(ctx, attn, mlp)
 
 
 class FLAP(_ActivationScorer):
