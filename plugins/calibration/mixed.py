@@ -102,6 +102,17 @@ class Mixed(CalibrationSource):
         self._order = [(k, j) for k, j, _ in pool]
         return [s for _, _, s in pool]
 
+    # --- resume ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"order": [list(o) for o in self._order],
+                "components": {str(k): c.state_dict() for k, c in self._components() if hasattr(c, "state_dict")}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._order = [(int(k), int(j)) for k, j in state["order"]]
+        for k, comp in self._components():
+            if str(k) in state["components"] and hasattr(comp, "load_state_dict"):
+                comp.load_state_dict(state["components"][str(k)])
+
     def _tag(self, sample: CalibrationSample, k: int) -> None:
         sample.meta.setdefault("source", self.params.sources[k].name)
         sample.meta["mixed_component"] = k

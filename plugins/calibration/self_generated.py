@@ -13,7 +13,14 @@ pruned model on the same prompts with the same budget.
 importance from wrong reasoning is the user's call; each sample's meta records what happened.
 
 Traces can be cached across runs (``cache_dir``): the cache key covers the model fingerprint,
-the prompts and the sampling settings, and the JSONL file records all of them.
+the prompts and the sampling settings, and the JSONL file records all of them in its first line
+(the header), with the number of traces and the sha256 of the trace lines.  A cache is used only
+when its header matches this run (fingerprint, sampling, seed, prompts), it holds exactly that
+many complete lines and the hash matches; otherwise the traces are generated again, with a
+warning naming the file, and the file is replaced (written atomically).
+
+Resuming a run restores the generation counter (``state_dict``/``load_state_dict``), so
+regenerated traces are seeded as in an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -28,7 +35,15 @@ from pydantic import Field
 from resp_core import hookimpl
 from resp_core.errors import RespError
 from resp_core.fingerprint import model_fingerprint
+from resp_core.rundir import atomic_write_text
 from resp_core.interfaces import CalibrationSample, CalibrationSource, Params, RunContext, SamplingParams
+
+
+CACHE_FORMAT = 2
+
+
+def _lines_hash(lines: list[str]) -> str:
+    return hashlib.sha256("".join(line + "\n" for line in lines).encode()).hexdigest()
 
 
 class SamplingSettings(Params):
@@ -63,6 +78,12 @@ class SelfGenerated(CalibrationSource):
         self.params = params or self.Params()
         self._items = None
         self._generation = 0
+
+    def state_dict(self) -> dict:
+        return {"generation": self._generation}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._generation = int(state["generation"])
 
     def check_recipe(self, recipe, path: str) -> None:
         if self.params.num_samples < 1:
@@ -129,25 +150,62 @@ class SelfGenerated(CalibrationSource):
         }, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
+    def _cache_header(self, ctx: RunContext) -> dict:
+        return {"format": CACHE_FORMAT, "fingerprint": model_fingerprint(ctx.model),
+                "sampling": self.params.sampling.model_dump(), "seed": ctx.seed,
+                "require_correct": self.params.require_correct, "max_attempts": self.params.max_attempts,
+                "prompts": [it.messages for it in self._task_items(ctx)]}
+
+    def _read_cache(self, cache_file: Path, expected: dict) -> tuple[list[CalibrationSample] | None, str]:
+        """The cached traces, or None and why they cannot be used."""
+        try:
+            text = cache_file.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            return None, f"unreadable ({exc})"
+        lines = text.split("\n")
+        if not text.endswith("\n"):
+            return None, "the last line is cut (half-written file)"
+        lines = lines[:-1]
+        try:
+            header = json.loads(lines[0]) if lines else None
+        except ValueError:
+            return None, "the header line is not valid JSON"
+        if not isinstance(header, dict):
+            return None, "no header line"
+        for key, want in expected.items():
+            if header.get(key) != want:
+                return None, f"its header's {key!r} differs from this run's"
+        body = lines[1:]
+        if header.get("count") != len(body) or len(body) != len(expected["prompts"]):
+            return None, f"it holds {len(body)} traces, its header says {header.get('count')}, this run needs {len(expected['prompts'])}"
+        if header.get("sha256") != _lines_hash(body):
+            return None, "the traces do not match the header's sha256"
+        try:
+            return [CalibrationSample.from_json(json.loads(line)) for line in body], ""
+        except (ValueError, KeyError, TypeError):
+            return None, "a trace line is not a valid sample"
+
     def build(self, ctx: RunContext) -> list[CalibrationSample]:
         items = self._task_items(ctx)
         cache_file = None
         if self.params.cache_dir:
             cache_file = Path(self.params.cache_dir) / f"traces-{self._cache_key(ctx)}.jsonl"
             if cache_file.is_file():
-                ctx.progress.log(f"Loaded cached traces from {cache_file}")
-                lines = cache_file.read_text().splitlines()
-                self._generation = 1
-                return [CalibrationSample.from_json(json.loads(line)) for line in lines[1:]]
+                samples, why = self._read_cache(cache_file, self._cache_header(ctx))
+                if samples is not None:
+                    ctx.progress.log(f"Loaded cached traces from {cache_file}")
+                    self._generation = 1
+                    return samples
+                ctx.progress.log(f"warning: trace cache {cache_file} not used: {why}; generating the traces again")
         got = self._sample(ctx, list(range(len(items))), {})
         samples = [got[i] for i in range(len(items))]
         if cache_file is not None:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            header = {"fingerprint": model_fingerprint(ctx.model), "sampling": self.params.sampling.model_dump(),
-                      "seed": ctx.seed, "prompts": [it.messages for it in items]}
-            tmp = cache_file.with_suffix(".tmp")
-            tmp.write_text("\n".join([json.dumps(header)] + [json.dumps(s.to_json()) for s in samples]) + "\n")
-            tmp.replace(cache_file)
+            body = [json.dumps(s.to_json(), default=str) for s in samples]
+            header = {**self._cache_header(ctx), "count": len(body), "sha256": _lines_hash(body)}
+            try:
+                atomic_write_text(cache_file, "\n".join([json.dumps(header)] + body) + "\n")
+            except RespError as exc:  # a cache is an optimization: the run goes on without it
+                ctx.progress.log(f"warning: trace cache not saved: {exc}")
         return samples
 
     def regenerate(self, ctx: RunContext, samples: list[CalibrationSample], fraction: float) -> list[CalibrationSample]:
