@@ -4,13 +4,17 @@ A comparison recipe names the shared parts once (model, task, structures, genera
 calibration, evaluators, sparsities, seeds) and lists methods (scorer, and optionally their own
 calibration source, allocator and schedule overrides).  Each method is one ordinary RESP run
 whose progressive schedule has a milestone at every sparsity, so 20/30/40% cost one pruning
-path, not three (masks are nested).  Evaluators that accept ``seeds`` sample once per seed.
+path, not three (masks are nested).  A method with ``schedule: {name: oneshot}`` is instead one
+run per sparsity, each pruned in one shot from the dense model (the authors' Wanda-sp protocol:
+uncc-efficient-ai/RESP ``configs/section5/main/wanda_gsm8k_{20,30,40}.yaml``, one
+``baseline_uniform_wanda`` run per target).  Evaluators that accept ``seeds`` sample once per seed.
 
 Folder layout::
 
     <dir>/compare.yaml          the validated comparison recipe
     <dir>/dense/metrics.json    the dense model, evaluated once
     <dir>/runs/<slug>/          one run folder per method (models/ keeps each milestone's model)
+    <dir>/runs/<slug>/<s>/      one run folder per sparsity s (0.20, ...) for a one-shot method
     <dir>/results.json|csv      one row per method × sparsity: mean, 95% CI, per-seed values
     <dir>/report.md, accuracy.png
 
@@ -46,7 +50,8 @@ class CompareMethod(_Strict):
     scorer: PluginRef
     calibration: PluginRef | None = None  # default: the comparison's calibration
     allocator: PluginRef | None = None  # default: global
-    schedule: dict[str, Any] = Field(default_factory=dict)  # overrides of the progressive schedule's params
+    # overrides of the progressive schedule's params; {name: oneshot}: one run per sparsity, each from dense
+    schedule: dict[str, Any] = Field(default_factory=dict)
     # Only to catch mistakes: a method may not prune other structures or another model.
     model: ModelSection | None = None
     structures: StructuresSection | None = None
@@ -74,6 +79,13 @@ class CompareRecipe(SharedSections):
 
     @model_validator(mode="after")
     def _methods(self):
+        for i, m in enumerate(self.methods):
+            name = m.schedule.get("name", "progressive")
+            if name not in SCHEDULES:
+                raise ValueError(f"methods[{i}].schedule.name: {name!r} is not one of {', '.join(SCHEDULES)}")
+            if name == "oneshot" and set(m.schedule) != {"name"}:
+                raise ValueError(f"methods[{i}].schedule: a one-shot method takes no other schedule fields "
+                                 "(it is pruned once per sparsity, each time from the dense model)")
         labels = [m.label for m in self.methods]
         if len(set(labels)) != len(labels):
             raise ValueError(f"method labels must be unique, got {labels}")
@@ -82,6 +94,20 @@ class CompareRecipe(SharedSections):
         if not self.seeds:
             raise ValueError("give at least one seed")
         return self
+
+
+SCHEDULES = ("progressive", "oneshot")
+
+
+def is_oneshot(method: CompareMethod) -> bool:
+    return method.schedule.get("name") == "oneshot"
+
+
+def method_runs(cmp: "CompareRecipe", method: CompareMethod) -> list[tuple[str, float | None]]:
+    """(run folder relative to the comparison folder, one-shot target or None) of a method."""
+    if is_oneshot(method):
+        return [(f"runs/{slug(method.label)}/{s:.2f}", s) for s in cmp.sparsities]
+    return [(f"runs/{slug(method.label)}", None)]
 
 
 def slug(label: str) -> str:
@@ -123,15 +149,24 @@ def _evaluators_with_seeds(cmp: CompareRecipe, registry) -> list[PluginRef]:
     return out
 
 
-def method_recipe(cmp: CompareRecipe, method: CompareMethod, registry) -> Recipe:
-    schedule = {"target": cmp.sparsities[-1], "steps": cmp.steps, "milestones": list(cmp.sparsities),
-                "regenerate_fraction": 0.0}
-    schedule.update(method.schedule)
+def method_recipe(cmp: CompareRecipe, method: CompareMethod, registry, target: float | None = None) -> Recipe:
+    """The run recipe of ``method``; for a one-shot method, its run at ``target`` (default: the
+    largest sparsity)."""
+    name = f"{cmp.name}-{slug(method.label)}"
+    if is_oneshot(method):
+        target = cmp.sparsities[-1] if target is None else target
+        schedule_ref = PluginRef(name="oneshot", params={"target": target})
+        name = f"{name}-{target:.2f}"
+    else:
+        schedule = {"target": cmp.sparsities[-1], "steps": cmp.steps, "milestones": list(cmp.sparsities),
+                    "regenerate_fraction": 0.0}
+        schedule.update({k: v for k, v in method.schedule.items() if k != "name"})
+        schedule_ref = PluginRef(name="progressive", params=schedule)
     return Recipe(
-        name=f"{cmp.name}-{slug(method.label)}", seed=cmp.seed, model=cmp.model, task=cmp.task,
+        name=name, seed=cmp.seed, model=cmp.model, task=cmp.task,
         structures=cmp.structures, generator=cmp.generator, calibration=method.calibration or cmp.calibration,
         scorer=method.scorer, allocator=method.allocator or PluginRef(name="global"),
-        schedule=PluginRef(name="progressive", params=schedule),
+        schedule=schedule_ref,
         evaluation=EvaluationSection(evaluate_dense=False, evaluators=_evaluators_with_seeds(cmp, registry)),
         output=OutputSection(save_model=False, save_milestone_models=True),
     )
@@ -238,20 +273,21 @@ def collect_results(folder: Path) -> dict:
         for r in dense_rows[:1]:
             add("dense", r, {k: {int(s): v for s, v in d.items()} for k, d in extra.get("0.00", {}).items()})
     for m in cmp.methods:
-        run = folder / "runs" / slug(m.label)
-        if not (run / "run.json").is_file() or json.loads((run / "run.json").read_text()).get("status") != "finished":
-            continue
-        extra_all = json.loads((run / "extra_seeds.json").read_text()) if (run / "extra_seeds.json").is_file() else {}
-        for r in json.loads((run / "metrics.json").read_text()):
-            extra = extra_all.get(f"{r['target']:.2f}", {})
-            add(m.label, r, {k: {int(s): v for s, v in d.items()} for k, d in extra.items()})
+        for sub, _ in method_runs(cmp, m):
+            run = folder / sub
+            if not (run / "run.json").is_file() or json.loads((run / "run.json").read_text()).get("status") != "finished":
+                continue
+            extra_all = json.loads((run / "extra_seeds.json").read_text()) if (run / "extra_seeds.json").is_file() else {}
+            for r in json.loads((run / "metrics.json").read_text()):
+                extra = extra_all.get(f"{r['target']:.2f}", {})
+                add(m.label, r, {k: {int(s): v for s, v in d.items()} for k, d in extra.items()})
     info = {
         "name": cmp.name, "model": cmp.model.path, "task": cmp.task.model_dump(), "seeds": cmp.seeds,
         "sparsities": cmp.sparsities, "structures": cmp.structures.model_dump(),
         "calibration": cmp.calibration.model_dump(),
         "methods": [m.model_dump(exclude_none=True) for m in cmp.methods],
     }
-    for run_json in sorted(folder.glob("runs/*/run.json")):
+    for run_json in sorted(folder.glob("runs/*/run.json")) + sorted(folder.glob("runs/*/*/run.json")):
         meta = json.loads(run_json.read_text())
         info.setdefault("commit", meta.get("commit"))
         info.setdefault("model_fingerprint", meta.get("model_fingerprint"))
@@ -318,24 +354,29 @@ def run_compare(cmp: CompareRecipe, source: str, folder: Path, progress, console
         _extend_seeds(merged, dense_dir, None, progress, reg)
 
     for method, res in resolved_methods:
-        run = folder / "runs" / slug(method.label)
-        info = run / "run.json"
-        if info.is_file() and json.loads(info.read_text()).get("status") == "finished":
-            _extend_seeds(merged, run, method, progress, reg)
-            continue
-        if run.exists():  # an unfinished run: start it again
-            import shutil
+        for sub, target in method_runs(merged, method):
+            run = folder / sub
+            info = run / "run.json"
+            if info.is_file() and json.loads(info.read_text()).get("status") == "finished":
+                _extend_seeds(merged, run, method, progress, reg, target)
+                continue
+            if run.exists():  # an unfinished run: start it again
+                import shutil
 
-            shutil.rmtree(run)
-        say(f"[bold]{method.label}[/]: pruning to {', '.join(f'{s:.0%}' for s in merged.sparsities)}")
-        res = resolve(method_recipe(merged, method, reg), reg)
-        run_recipe(res, run, progress)
+                shutil.rmtree(run)
+            if target is None:
+                say(f"[bold]{method.label}[/]: pruning to {', '.join(f'{s:.0%}' for s in merged.sparsities)}")
+            else:
+                say(f"[bold]{method.label}[/]: pruning to {target:.0%} in one shot from the dense model")
+            res = resolve(method_recipe(merged, method, reg, target), reg)
+            run_recipe(res, run, progress)
     results = collect_results(folder)
     write_results(folder, results)
     return results
 
 
-def _extend_seeds(cmp: CompareRecipe, run: Path, method: CompareMethod | None, progress, reg) -> None:
+def _extend_seeds(cmp: CompareRecipe, run: Path, method: CompareMethod | None, progress, reg,
+                  target: float | None = None) -> None:
     """Evaluate seeds not yet in a finished run, on its saved milestone models (or the dense model)."""
     from .loading import load_model_and_tokenizer
     from .model.compaction import load_pruned
@@ -355,7 +396,7 @@ def _extend_seeds(cmp: CompareRecipe, run: Path, method: CompareMethod | None, p
         if not missing:
             continue
         sub = cmp.model_copy(update={"seeds": missing})
-        rec = dense_recipe(sub, reg) if method is None else method_recipe(sub, method, reg)
+        rec = dense_recipe(sub, reg) if method is None else method_recipe(sub, method, reg, target)
         res = resolve(rec, reg)
         model, tok = load_model_and_tokenizer(cmp.model)
         if method is not None:

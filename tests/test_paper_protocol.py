@@ -212,3 +212,56 @@ def test_sequential_wanda_needs_a_per_layer_allocator(tmp_path):
     with pytest.raises(RespError, match=r"scorer.params.sequential: needs an allocator that decides layer by layer"):
         resolve(Recipe.model_validate(base))
     resolve(Recipe.model_validate(dict(base, allocator={"name": "uniform"})))
+
+
+# --------------------------------------------------------------------------------------------------
+# respctl compare: a one-shot method is one run per sparsity, each from the dense model
+# --------------------------------------------------------------------------------------------------
+
+
+def test_compare_oneshot_method_runs_once_per_sparsity_from_dense(tmp_path, tiny_model_dir):
+    import json
+
+    from safetensors import safe_open
+    from test_compare import compare_recipe, runner, write
+
+    from resp_core.cli import app
+
+    methods = [{"label": "Wanda", "scorer": {"name": "wanda_sp", "params": {"sequential": True}},
+                "allocator": {"name": "uniform"}, "schedule": {"name": "oneshot"}},
+               {"label": "GISP", "scorer": {"name": "gisp"}}]
+    recipe = compare_recipe(tiny_model_dir, methods=methods, seeds=(0,))
+    recipe["structures"] = {"attention": "q_head", "mlp": "channel"}
+    out = tmp_path / "cmp"
+    result = runner.invoke(app, ["compare", str(write(tmp_path, recipe)), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    for s in ("0.20", "0.40"):
+        run = out / "runs" / "wanda" / s
+        assert json.loads((run / "run.json").read_text())["status"] == "finished"
+        masks = sorted(p.name for p in (run / "masks").iterdir())
+        assert masks == [f"milestone_{s}.safetensors", "step_01.safetensors"]  # one step, from dense
+        with safe_open(str(run / "masks" / "step_01.safetensors"), "pt") as f:
+            assert float(f.metadata()["target"]) == float(s)
+        assert (run / "models" / f"milestone_{s}").is_dir()
+    assert (out / "runs" / "gisp" / "run.json").is_file()  # the others keep one nested path
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert sorted(r["target"] for r in rows if r["method"] == "Wanda") == [0.2, 0.4]
+    # extending with a seed evaluates the saved one-shot models
+    result = runner.invoke(app, ["compare", str(write(tmp_path, recipe)), "--out", str(out), "--seeds", "0,1"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert all(r["n_seeds"] == 2 for r in rows if r["method"] == "Wanda")
+
+
+def test_compare_oneshot_takes_no_schedule_fields(tmp_path, tiny_model_dir):
+    from test_compare import compare_recipe, runner, write
+
+    from resp_core.cli import app
+
+    methods = [{"label": "Wanda", "scorer": {"name": "wanda_sp"}, "allocator": {"name": "uniform"},
+                "schedule": {"name": "oneshot", "steps": 3}}]
+    result = runner.invoke(app, ["validate", str(write(tmp_path, compare_recipe(tiny_model_dir, methods=methods)))])
+    assert result.exit_code == 2 and "methods[0].schedule: a one-shot method takes no other schedule fields" in result.output
+    methods[0]["schedule"] = {"name": "cosine"}
+    result = runner.invoke(app, ["validate", str(write(tmp_path, compare_recipe(tiny_model_dir, methods=methods)))])
+    assert result.exit_code == 2 and "methods[0].schedule.name: 'cosine' is not one of progressive, oneshot" in result.output
