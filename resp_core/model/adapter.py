@@ -2,9 +2,14 @@
 
 Everything else in RESP (scorers, allocators, compaction, benchmarks) asks a
 :class:`DecoderAdapter` for layers, projections, head geometry and GQA grouping instead of
-reaching into ``model.model.layers[i].self_attn.q_proj`` itself.  Qwen3, Qwen2, Llama and
-Mistral share the same module layout (q/k/v/o projections, gated MLP with gate/up/down) and
-differ only in biases and q/k norms, which the adapter handles.
+reaching into ``model.model.layers[i].self_attn.q_proj`` itself.  Qwen3, Qwen2, Llama,
+Mistral and Gemma 3 (the text model, ``Gemma3ForCausalLM``) share the same module layout
+(q/k/v/o projections, gated MLP with gate/up/down) and differ only in biases, q/k norms, extra
+per-layer norms (Gemma 3's sandwich norms), attention scaling (Gemma 3's
+``query_pre_attn_scalar``, independent of the number of heads) and sliding-window layers
+(``config.layer_types``, kept per layer by compaction), none of which a structure cuts through.
+Phi-3 is refused: its fused ``qkv_proj`` and ``gate_up_proj`` give no per-projection weights
+(and no per-projection gradients) for scorers to read and masks to zero.
 
 ``head_dim`` always comes from ``config.head_dim`` when the config sets it; ``hidden_size /
 num_attention_heads`` is only a fallback for configs that do not (the authors' code uses the
@@ -21,7 +26,52 @@ from torch import nn
 
 from ..errors import RespError
 
-SUPPORTED_FAMILIES = ("qwen3", "qwen2", "llama", "mistral")
+SUPPORTED_FAMILIES = ("qwen3", "qwen2", "llama", "mistral", "gemma3_text")
+
+# Families transformers knows that the adapter refuses, with what is missing.
+_REFUSED = {
+    "phi3": "its fused qkv_proj and gate_up_proj projections have no separate q/k/v and gate/up "
+            "weights for scores and masks",
+    "gemma3": "the multimodal Gemma3ForConditionalGeneration is not a text decoder; load the text model "
+              "(Gemma3ForCausalLM, model_type gemma3_text)",
+}
+
+# Output biases a scorer may add (FLAP's compensation: o_proj and down_proj) and the config flag
+# that makes a standard model of the family carry them (every projection of the block then has a
+# bias; the ones not added are zero).  Families without a flag cannot hold them in a standard config.
+_OUTPUT_BIAS_FLAGS = {
+    "llama": {"o": "attention_bias", "down": "mlp_bias"},
+    "qwen3": {"o": "attention_bias"},
+    "gemma3_text": {"o": "attention_bias"},
+}
+
+
+def check_supported(model_type: str | None, source: str = "model") -> None:
+    """Raise a one-line :class:`RespError` unless the adapter supports ``model_type``."""
+    if model_type in SUPPORTED_FAMILIES:
+        return
+    if model_type in _REFUSED:
+        raise RespError(f"{source}: model type {model_type!r} is not supported: {_REFUSED[model_type]}")
+    raise RespError(f"{source}: model type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_FAMILIES)}")
+
+
+def output_bias_flags(model_type: str, o_bias: bool, down_bias: bool, config) -> dict:
+    """Config changes a standard ``model_type`` config needs to hold o_proj / down_proj biases.
+
+    Raises :class:`RespError` when the family has no such flag."""
+    flags = _OUTPUT_BIAS_FLAGS.get(model_type, {})
+    out = {}
+    for part, needed in (("o", o_bias), ("down", down_bias)):
+        if not needed:
+            continue
+        name = "o_proj" if part == "o" else "down_proj"
+        if part not in flags:
+            raise RespError(f"the model carries {name} biases (added by a weight-editing scorer, e.g. FLAP's "
+                            f"compensation) that a standard {model_type} config cannot hold; export it as "
+                            f"'compacted'")
+        if not getattr(config, flags[part], False):
+            out[flags[part]] = True
+    return out
 
 
 @dataclass(frozen=True)
@@ -80,10 +130,8 @@ class DecoderAdapter:
 
     def __init__(self, model: nn.Module):
         model_type = getattr(model.config, "model_type", None)
-        if model_type not in SUPPORTED_FAMILIES:
-            raise RespError(
-                f"model type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_FAMILIES)}"
-            )
+        model_type = getattr(model.config, "resp_base_model_type", None) or model_type  # a compacted model
+        check_supported(model_type)
         self.model = model
         self.family = model_type
         self.geometry = geometry_from_config(model.config)
@@ -134,7 +182,11 @@ class DecoderAdapter:
 
     def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of final hidden states ``[..., hidden]``, as the full model's forward makes them."""
-        return self.model.lm_head(hidden)
+        logits = self.model.lm_head(hidden)
+        cap = getattr(self.model.config, "final_logit_softcapping", None)  # Gemma 3 (None in its configs)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     # --- biases used by weight-editing scorers (FLAP's compensation) -----------------------
     @staticmethod
