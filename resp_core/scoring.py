@@ -363,18 +363,19 @@ def check_scores(values: dict[str, torch.Tensor], step: int, structures=None, ma
         v = values.get(kind)
         if v is None:
             continue
-        live = torch.ones(v.shape, dtype=torch.bool)
-        if structures is not None and kind in structures.costs:
-            live &= structures.candidate(kind)
+        kept = torch.ones(v.shape, dtype=torch.bool)
         if mask is not None:
-            live &= mask.effective()[kind].reshape(v.shape)
+            kept &= mask.effective()[kind].reshape(v.shape)
+        live = kept
+        if structures is not None and kind in structures.costs:
+            live = kept & structures.candidate(kind).reshape(v.shape)  # the units the run may remove
         picked = v[live]
         if picked.numel() >= 2 and bool((picked == picked[0]).all()):
             layers = sorted({int(i) for i in live.nonzero()[:, 0]})
             span = f"layers {layers[0]}-{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}"
-            raise NumericalError(f"step {step}: degenerate scores{who}: all {picked.numel()} {kind} units in "
-                                 f"{span} score exactly {float(picked[0])} (unit kind {kind}); "
-                                 f"the loss or gradients vanished")
+            raise NumericalError(f"step {step}: degenerate scores{who}: all {picked.numel()} units of kind "
+                                 f"{kind} in {span} score exactly {float(picked[0])} "
+                                 f"(the loss or gradients vanished)")
 
 
 # --------------------------------------------------------------------------------------------------

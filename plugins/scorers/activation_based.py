@@ -27,7 +27,7 @@ from resp_core.errors import RespError
 from resp_core.interfaces import CalibrationSet, Params, RunContext, Scorer, Scores
 from resp_core.model.adapter import DecoderAdapter, Geometry
 from resp_core.model.masks import MaskSet
-from resp_core.scoring import normalize_scores
+from resp_core.scoring import check_scores, normalize_scores
 
 # --------------------------------------------------------------------------------------------------
 # Metric functions (pure; tested on hand-checkable tensors)
@@ -140,6 +140,7 @@ class _ActivationScorer(Scorer):
     def _finish(self, ctx: RunContext, attn: torch.Tensor, mlp: torch.Tensor, stats: dict | None = None) -> Scores:
         raw = unit_scores(ctx.adapter.geometry, attn, mlp)
         values = normalize_scores(raw, self.params.normalize, ctx.adapter, ctx.structures.costs)
+        check_scores(values, ctx.step, ctx.structures, ctx.mask, scorer=self.name)
         return Scores(values, stats or {})
 
 
@@ -383,6 +384,7 @@ class SparseGPTSP(_ActivationScorer):
             del stats
         values = {"q_head": q_s.float(), "kv_group": kv_s.float(), "mlp_channel": mlp_s.float()}
         values = normalize_scores(values, p.normalize, a, ctx.structures.costs)
+        check_scores(values, ctx.step, ctx.structures, ctx.mask, scorer=self.name)
         return Scores(values)
 
     def _inverse_on(self, stats: InputStats, cols: torch.Tensor) -> torch.Tensor:
