@@ -1,11 +1,11 @@
-"""First-order Taylor importance: RESP (decode-only loss) and GISP (full-sequence loss).
+"""First-order Taylor importance: RESP and GISP (decode-only loss; ``loss: full`` for every token).
 
 Formula (RESP paper, arXiv 2512.02185, Eq. 3-5; GISP, arXiv 2510.18030)::
 
     I(w) = | w · ∂L/∂w |          gradients accumulated over the whole calibration set
     I(S) = Σ_{w ∈ S} I(w)          S = a query head / KV group / MLP channel (see resp_core.scoring)
-    L    = L_dec (Eq. 4): NLL over generated tokens only (prompt labels = -100)      [resp]
-           or the NLL over every token of the sequence                             [gisp]
+    L    = L_dec (Eq. 4): NLL over target tokens only (prompt labels = -100)   [resp, gisp]
+           or the NLL over every token of the sequence                   [loss: full]
 
 then normalized per block type and ranked globally across layers by the allocator.
 
@@ -83,12 +83,22 @@ class TaylorScorer(Scorer):
 
 
 class GISPScorer(TaylorScorer):
-    """GISP: first-order Taylor |W·∂L/∂W| with the full-sequence loss, block-wise normalization."""
+    """GISP as the RESP authors run it: first-order Taylor |W·∂L/∂W|, block-wise normalization,
+    the loss on the target tokens only (prompt masked).
+
+    The authors' GISP baseline (uncc-efficient-ai/RESP ``configs/section5/main/gisp_gsm8k.yaml``,
+    ``prune_metric: grad_sp_global`` with ``used_config: gold-thinking``) trains on the gold
+    solution plus EOS after the thinking-mode prompt, prompt labels -100
+    (``modules/data/data_prune_ds.py`` ``get_gsm8k_model_output_sample``): the same scorer as
+    RESP, on other data (``calibration: task_data``, whose default is that gold-thinking data).
+    ``loss: full`` is the full-sequence variant (every token, prompt included) that RESP shipped
+    as GISP before; the authors' code does so on generic text (uncc-efficient-ai/RESP
+    ``resp/pruners/non_uniform_pruner.py`` ``fill_information``: ``labels=batch_input``)."""
 
     name = "gisp"
 
     class Params(TaylorScorer.Params):
-        loss: Literal["decode", "full"] = "full"
+        loss: Literal["decode", "full"] = "decode"
 
 
 @hookimpl
