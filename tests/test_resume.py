@@ -163,6 +163,29 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, recipe_file, reference, 
     assert info["status"] == "finished" and info["process"]["resumed_at_step"]
 
 
+def test_resume_restores_weights_a_scorer_edited(tmp_path, tiny_model_dir):
+    """FLAP adds output biases at every step: the checkpoint keeps the weights, biases included."""
+    recipe = tiny_run_recipe(tiny_model_dir, scorer={"name": "flap"},
+                             calibration={"name": "task_data", "params": {"num_samples": 4}})
+    recipe["schedule"]["params"]["regenerate_fraction"] = 0.0
+    recipe["evaluation"]["evaluate_dense"] = False
+    path = tmp_path / "flap.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    code, out = run_in_child(["run", str(path), "--out", str(tmp_path / "whole")], tmp_path, name="whole")
+    assert code == 0, out
+    run = tmp_path / "run"
+    code, out = run_in_child(["run", str(path), "--out", str(run)], tmp_path, {"RESP_TEST_KILL_AT": "score:2"})
+    assert code == -signal.SIGKILL, out
+    assert (run / CHECKPOINT_DIR / "step_01.weights.safetensors").is_file()
+    code, out = run_in_child(["run", "--resume", str(run)], tmp_path, name="resume")
+    assert code == 0, out
+    assert digest(run) == digest(tmp_path / "whole")
+    from safetensors import safe_open
+
+    with safe_open(str(run / "model" / "model.safetensors"), "pt") as fh:
+        assert any(k.endswith(("o_proj.bias", "down_proj.bias")) for k in fh.keys())
+
+
 def test_sigterm_marks_interrupted_then_resumes(tmp_path, recipe_file, reference):
     run = tmp_path / "run"
     code, out = run_in_child(["run", str(recipe_file), "--out", str(run)], tmp_path,
