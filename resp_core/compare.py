@@ -25,6 +25,7 @@ must be shared (model, task, structures, generator, seed, sparsities) is refused
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import time
@@ -38,7 +39,7 @@ from .errors import RespError
 from .recipe import (EvaluationSection, ModelSection, OutputSection, PluginRef, Recipe, SharedSections,
                      StructuresSection, _Strict,
                      _first_error, check_model_path, dump_recipe, resolve)
-from .rundir import RunDir, write_json
+from .rundir import RunDir, atomic_write_text, write_json
 from .stats import ci95_halfwidth, mean
 
 SHARED_FIELDS = ("model", "task", "structures", "generator", "seed", "sparsities", "calibration", "evaluators",
@@ -114,13 +115,11 @@ def slug(label: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-") or "method"
 
 
-def parse_compare(text: str, source: str) -> CompareRecipe:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise RespError(f"{source}: not valid YAML{where}: {getattr(exc, 'problem', '') or exc}") from None
+def parse_compare(text: str | dict, source: str) -> CompareRecipe:
+    """A comparison recipe from YAML text (or an already parsed mapping)."""
+    from .recipe import load_yaml_document
+
+    data = load_yaml_document(text, source) if isinstance(text, str) else text
     if not isinstance(data, dict):
         raise RespError(f"{source}: a comparison recipe must be a YAML mapping")
     try:
@@ -200,11 +199,21 @@ def _shared_view(cmp: CompareRecipe) -> dict:
     return {k: d[k] for k in SHARED_FIELDS}
 
 
+def saved_compare(folder: Path) -> CompareRecipe:
+    """The comparison recipe saved in ``folder``; one line when it cannot be read."""
+    path = folder / "compare.yaml"
+    try:
+        return CompareRecipe.model_validate(yaml.safe_load(path.read_text()))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ValidationError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RespError(f"{path}: cannot read the saved comparison recipe ({first})") from None
+
+
 def check_extension(folder: Path, cmp: CompareRecipe) -> None:
     saved_file = folder / "compare.yaml"
     if not saved_file.is_file():
         raise RespError(f"{folder} exists and is not a comparison folder (no compare.yaml); choose another --out")
-    saved = CompareRecipe.model_validate(yaml.safe_load(saved_file.read_text()))
+    saved = saved_compare(folder)
     old, new = _shared_view(saved), _shared_view(cmp)
     for key in SHARED_FIELDS:
         if key == "evaluators":
@@ -250,7 +259,7 @@ def _per_seed(metrics: dict) -> dict[str, dict[int, float]]:
 
 def collect_results(folder: Path) -> dict:
     """Rows (method × sparsity) from the finished runs in a comparison folder."""
-    cmp = CompareRecipe.model_validate(yaml.safe_load((folder / "compare.yaml").read_text()))
+    cmp = saved_compare(folder)
     rows = []
 
     def add(method: str, row: dict, extra: dict[str, dict[int, float]]):
@@ -299,17 +308,18 @@ def write_results(folder: Path, results: dict) -> None:
     import csv
 
     write_json(folder / "results.json", results)
-    with open(folder / "results.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["method", "target", "sparsity", "parameters", "metric", "mean", "ci95", "n_seeds", "per_seed"])
-        for r in results["rows"]:
-            w.writerow([r["method"], r["target"], r["sparsity"], r["parameters"], r["metric"], f"{r['mean']:.6f}",
-                        "" if r["ci95"] != r["ci95"] else f"{r['ci95']:.6f}", r["n_seeds"],
-                        ";".join(f"{k}:{v:.4f}" for k, v in r["per_seed"].items())])
+    fh = io.StringIO(newline="")
+    w = csv.writer(fh)
+    w.writerow(["method", "target", "sparsity", "parameters", "metric", "mean", "ci95", "n_seeds", "per_seed"])
+    for r in results["rows"]:
+        w.writerow([r["method"], r["target"], r["sparsity"], r["parameters"], r["metric"], f"{r['mean']:.6f}",
+                    "" if r["ci95"] != r["ci95"] else f"{r['ci95']:.6f}", r["n_seeds"],
+                    ";".join(f"{k}:{v:.4f}" for k, v in r["per_seed"].items())])
+    atomic_write_text(folder / "results.csv", fh.getvalue())
     from .report import render_markdown, render_plot
 
     render_plot(results, folder / "accuracy.png")
-    (folder / "report.md").write_text(render_markdown(results, plot="accuracy.png"))
+    atomic_write_text(folder / "report.md", render_markdown(results, plot="accuracy.png"))
 
 
 def run_compare(cmp: CompareRecipe, source: str, folder: Path, progress, console=None) -> dict:
@@ -321,7 +331,7 @@ def run_compare(cmp: CompareRecipe, source: str, folder: Path, progress, console
     reg = get_registry()
     if folder.exists():
         check_extension(folder, cmp)
-        saved = CompareRecipe.model_validate(yaml.safe_load((folder / "compare.yaml").read_text()))
+        saved = saved_compare(folder)
         known = {m.label for m in saved.methods}
         merged = saved.model_copy(update={
             "methods": saved.methods + [m for m in cmp.methods if m.label not in known],
@@ -330,7 +340,8 @@ def run_compare(cmp: CompareRecipe, source: str, folder: Path, progress, console
     else:
         folder.mkdir(parents=True)
         merged = cmp
-    (folder / "compare.yaml").write_text(yaml.safe_dump(merged.model_dump(mode="json", exclude_none=True), sort_keys=False))
+    atomic_write_text(folder / "compare.yaml",
+                      yaml.safe_dump(merged.model_dump(mode="json", exclude_none=True), sort_keys=False))
     (folder / "runs").mkdir(exist_ok=True)
 
     def say(msg):

@@ -126,5 +126,8 @@ def render_plot(results: dict, path: Path) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(f"{results['info']['name']} (bands: 95% CI over {len(results['info']['seeds'])} seed(s))")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from .rundir import atomic_file
+
+    with atomic_file(path) as tmp:  # tmp keeps the suffix savefig reads the format from
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
