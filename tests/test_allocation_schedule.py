@@ -3,21 +3,27 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from pydantic import ValidationError
 
 from conftest import tiny_qwen3
-from plugins.allocators.global_rank import GlobalRank, UniformPerLayer, allocate_per_layer
+from plugins.allocators.global_rank import GlobalRank, UniformPerLayer, allocate_per_layer, global_allocate
 from plugins.schedules.progressive import OneShot, Progressive
-from resp_core.interfaces import Scores
-from resp_core.model.adapter import adapter_for
-from resp_core.model.masks import MaskSet, sparsity_of
-from resp_core.model.structures import StructureSpec, build_structures, protected_layer_indices
+from resp_core.errors import RespError
+from resp_core.interfaces import Scores, Step
+from resp_core.model.adapter import Geometry, adapter_for
+from resp_core.model.masks import MaskSet, removed_parameters, sparsity_of, sparsity_report
+from resp_core.model.structures import (StructureSpec, Structures, build_structures, check_plan, check_reachable,
+                                        count_threshold, max_reachable_sparsity, protected_first_count,
+                                        protected_layer_indices)
 
 # tiny_qwen3(layers=4, heads=6, kv=3, head_dim=8, hidden=32, inter=48), no biases:
 PER_Q = 2 * 32 * 8  # q rows + o columns of one query head
-KV = 2 * PER_Q + 2 * 32 * 8  # a KV group: its 2 query heads + k and v rows
+KV_ONLY = 2 * 32 * 8  # k and v rows of one KV head
+KV = 2 * PER_Q + KV_ONLY  # a KV group: its 2 query heads + k and v rows
 CH = 3 * 32  # an MLP channel: gate row, up row, down column
 LAYER = 6 * PER_Q + 3 * 2 * 32 * 8 + 48 * CH  # 9216
 
@@ -166,10 +172,13 @@ def test_global_q_head_structures(adapter):
     v["q_head"][1] = torch.tensor([0.1, 0.2, 9.0, 9.0, 9.0, 9.0])
     v["q_head"][2] = torch.tensor([9.0, 9.0, 9.0, 0.3, 9.0, 9.0])
     full = MaskSet.full(adapter.geometry)
+    # heads (1, 0) and (1, 1) empty KV group 0 of layer 1: the second one also frees its k/v rows,
+    # so the two cost 2 * PER_Q + KV_ONLY = 3 * PER_Q, the whole budget (marginal cost)
     new = GlobalRank().allocate(Scores(v), s, full, 3 * PER_Q / s.prunable_parameter_total())
-    assert _removed(new, full, "q_head") == [(1, 0), (1, 1), (2, 3)]
+    assert _removed(new, full, "q_head") == [(1, 0), (1, 1)]
     assert bool(new.mlp_channel.all()) and bool(new.kv_group.all())
     assert new.effective().kv_group[1].tolist() == [False, True, True]  # group 0 lost both heads
+    assert sparsity_of(new, s) * s.prunable_parameter_total() == 3 * PER_Q
 
 
 def test_global_removes_whole_layers(adapter):
@@ -307,3 +316,339 @@ def test_progressive_regenerate_overrides():
         Progressive.Params(target=0.5, milestones=[0.2], regenerate_overrides={0.25: 0.5})
     with pytest.raises(ValidationError):
         Progressive.Params(target=0.5, milestones=[0.2], regenerate_overrides={0.2: 1.5})
+
+
+# --------------------------------------------------------------------------------------------------
+# Sparsity bases, protect rounding, exact q_head accounting
+# --------------------------------------------------------------------------------------------------
+
+def test_all_blocks_counts_protected_layers_in_the_denominator(adapter):
+    s = _structures(adapter, protected_layers=(0, 3))
+    a = _structures(adapter, protected_layers=(0, 3), sparsity_basis="all_blocks")
+    assert a.basis_total() == 4 * LAYER and s.basis_total() == 2 * LAYER
+    m = MaskSet.full(adapter.geometry)
+    m.mlp_channel[1, :10] = False
+    m.kv_group[2, 0] = False
+    removed = 10 * CH + KV
+    rep = sparsity_report(m, s)
+    assert rep["sparsity_prunable_blocks"] == pytest.approx(removed / (2 * LAYER), rel=1e-12)
+    assert rep["sparsity_all_blocks"] == pytest.approx(removed / (4 * LAYER), rel=1e-12)
+    assert rep["sparsity"] == rep["sparsity_prunable_blocks"]
+    assert sparsity_report(m, a)["sparsity"] == rep["sparsity_all_blocks"] == sparsity_of(m, a)
+
+
+def test_removals_in_protected_layers_count_only_on_all_blocks(adapter):
+    """A mask that removed units of a protected layer (e.g. loaded with ``init_from``): the
+    prunable_blocks figure is about the unprotected layers only."""
+    s = _structures(adapter, protected_layers=(0, 3))
+    m = MaskSet.full(adapter.geometry)
+    m.mlp_channel[0, :5] = False  # protected layer 0
+    m.mlp_channel[1, :2] = False
+    rep = sparsity_report(m, s)
+    assert rep["sparsity_prunable_blocks"] == pytest.approx(2 * CH / (2 * LAYER), rel=1e-12)
+    assert rep["sparsity_all_blocks"] == pytest.approx(7 * CH / (4 * LAYER), rel=1e-12)
+
+
+def test_kv_rows_never_count_on_all_blocks_with_q_heads(adapter):
+    s = _structures(adapter, attention="q_head", protected_layers=(0, 3))
+    a = _structures(adapter, attention="q_head", protected_layers=(0, 3), sparsity_basis="all_blocks")
+    m = MaskSet.full(adapter.geometry)
+    m.q_head[1, [0, 1]] = False  # KV group 0 of layer 1 has no query head left
+    m.q_head[2, 2] = False
+    assert sparsity_of(m, s) * 2 * LAYER == 3 * PER_Q + KV_ONLY  # ours: its k/v rows are gone too
+    assert sparsity_of(m, a) * 4 * LAYER == 3 * PER_Q  # the authors': q rows and o columns only
+    # with KV groups as units, k/v rows are removed by the unit itself and count on both bases
+    g = _structures(adapter, protected_layers=(0, 3), sparsity_basis="all_blocks")
+    m = MaskSet.full(adapter.geometry)
+    m.kv_group[1, 0] = False
+    assert sparsity_of(m, g) * 4 * LAYER == KV
+
+
+def test_q_head_allocation_leaves_kv_axis_and_counts_authors_cost(adapter):
+    """On the authors' basis a query head costs its q/o parameters only, even the last of its
+    group: the allocator never touches the KV axis and the budget is met in q/o parameters."""
+    a = _structures(adapter, attention="q_head", mlp="none", protected_layers=(0, 3), sparsity_basis="all_blocks")
+    v = _scores()
+    v["q_head"][1] = torch.tensor([0.1, 0.2, 9.0, 9.0, 9.0, 9.0])
+    v["q_head"][2] = torch.tensor([9.0, 9.0, 9.0, 0.3, 9.0, 9.0])
+    full = MaskSet.full(adapter.geometry)
+    new = GlobalRank().allocate(Scores(v), a, full, 3 * PER_Q / (4 * LAYER))
+    assert _removed(new, full, "q_head") == [(1, 0), (1, 1), (2, 3)]  # three heads: 3 * PER_Q
+    assert bool(new.kv_group.all()) and bool(new.mlp_channel.all())
+    assert sparsity_of(new, a) * 4 * LAYER == 3 * PER_Q
+
+
+def test_q_head_marginal_cost_of_a_groups_last_head(adapter):
+    """Budget of one head plus one KV head's k/v rows: the lowest head alone leaves a gap of
+    KV_ONLY = PER_Q, so the second head of the same group (which empties it) would cost
+    2 * PER_Q and overshoot by PER_Q >= the gap: skipped; the next head of another group fits."""
+    s = _structures(adapter, attention="q_head", mlp="channel", protected_layers=(0, 3))
+    v = _scores()
+    v["q_head"][1] = torch.tensor([0.1, 0.2, 0.3, 9.0, 9.0, 9.0])
+    full = MaskSet.full(adapter.geometry)
+    new = GlobalRank().allocate(Scores(v), s, full, (PER_Q + KV_ONLY) / (2 * LAYER))
+    assert _removed(new, full, "q_head") == [(1, 0), (1, 2)]
+    assert sparsity_of(new, s) * 2 * LAYER == 2 * PER_Q  # no k/v freed: both groups keep a head
+    # a budget of the whole group: both heads of group 0 go and cost exactly 2 * PER_Q + KV_ONLY
+    new = GlobalRank().allocate(Scores(v), s, full, (2 * PER_Q + KV_ONLY) / (2 * LAYER))
+    assert _removed(new, full, "q_head") == [(1, 0), (1, 1)]
+    assert sparsity_of(new, s) * 2 * LAYER == 2 * PER_Q + KV_ONLY
+
+
+def test_protect_rounding_floor_is_the_authors_int():
+    for L in range(1, 201):
+        assert protected_first_count(StructureSpec(protect_rounding="floor"), L) == int(L * 0.1)
+        assert protected_first_count(StructureSpec(), L) == math.ceil(L / 10)
+    # the 6-layer testbed: ceil protects layer 0, floor none of the first layers
+    assert protected_layer_indices(StructureSpec(), 6) == [0, 5]
+    assert protected_layer_indices(StructureSpec(protect_rounding="floor"), 6) == [5]
+    # Qwen3-8B, 36 layers: 4 first layers with ceil, 3 (the authors' range(3, 35)) with floor
+    assert protected_layer_indices(StructureSpec(), 36) == [0, 1, 2, 3, 35]
+    assert protected_layer_indices(StructureSpec(protect_rounding="floor"), 36) == [0, 1, 2, 35]
+    assert protected_first_count(StructureSpec(protect_first=0.3), 10) == 3  # not 4 from 3.0000000000000004
+
+
+# --------------------------------------------------------------------------------------------------
+# The vectorized global allocator against a unit-by-unit loop
+# --------------------------------------------------------------------------------------------------
+
+def _reference_allocate(scores, structures, mask, target, budget="parameters"):
+    """The allocator written as a plain loop over units in score order (the specification)."""
+    new, e, g = mask.clone(), mask.effective(), structures.geometry
+    kinds = structures.kinds
+    count = budget == "count"
+    if count:
+        limit = float(count_threshold(structures.unit_count_total(), target))
+        removed = float(sum(int((~e[k]).sum()) for k in kinds))
+    else:
+        limit = target * structures.basis_total()
+        removed = float(removed_parameters(mask, structures).sum())
+    if removed >= limit:
+        return new
+    entries, alive_count = [], {}
+    for kind in kinds:
+        alive = e[kind] & structures.candidate(kind)
+        alive_count[kind] = e[kind].sum(dim=1).tolist()
+        for (layer, unit), val in zip(alive.nonzero().tolist(), scores.values[kind][alive].tolist()):
+            entries.append((val, kind, layer, unit))
+    entries.sort(key=lambda x: x[0])
+    group = g.kv_group_of_head().tolist()
+    heads_left = {(i, k): sum(bool(e.q_head[i, h]) for h in range(g.num_heads) if group[h] == k)
+                  for i in range(g.num_layers) for k in range(g.num_kv_heads)}
+    kv_counts = "q_head" in kinds and not count and structures.counts_kv_removal()
+    for val, kind, layer, unit in entries:
+        if removed >= limit:
+            break
+        if kind != "layer" and alive_count[kind][layer] <= structures.spec.min_keep:
+            continue
+        cost = 1.0 if count else float(structures.costs[kind][layer, unit])
+        if kind == "q_head" and kv_counts and heads_left[(layer, group[unit])] == 1:
+            cost += float(structures.kv_only[layer, group[unit]])
+        if removed + cost > limit and (removed + cost - limit) >= (limit - removed):
+            continue
+        new[kind][layer, unit] = False
+        alive_count[kind][layer] -= 1
+        if kind == "q_head":
+            heads_left[(layer, group[unit])] -= 1
+        removed += cost
+    return new
+
+
+@pytest.fixture(scope="module")
+def gqa4():
+    """4 query heads per KV head (8 heads, 2 KV heads), 6 layers, 24 channels: heads cost 512,
+    the k/v of a KV head 512, a channel 96; a 64-channel-wide sibling makes heads rarer."""
+    return adapter_for(tiny_qwen3(seed=1, layers=6, heads=8, kv=2, head_dim=8, hidden=32, inter=24))
+
+
+@pytest.mark.parametrize("spec", [
+    dict(),
+    dict(attention="q_head"),
+    dict(attention="q_head", sparsity_basis="all_blocks"),
+    dict(attention="q_head", mlp="none", min_keep=0),
+    dict(attention="kv_group", sparsity_basis="all_blocks", min_keep=2),
+    dict(attention="q_head", min_keep=3, protect_rounding="floor"),
+    dict(attention="none", min_keep=5),
+    dict(layers=True),
+])
+@pytest.mark.parametrize("budget", ["parameters", "count"])
+def test_vectorized_equals_reference(gqa4, spec, budget):
+    s = build_structures(gqa4, StructureSpec(**spec))
+    g = gqa4.geometry
+    gen = torch.Generator().manual_seed(hash((tuple(sorted(spec.items())), budget)) % 2**31)
+    shapes = {k: MaskSet.full(g)[k].shape for k in ("kv_group", "q_head", "mlp_channel", "layer")}
+    for trial in range(12):
+        v = {k: torch.rand(sh, generator=gen) for k, sh in shapes.items()}
+        if trial % 3 == 0:  # many ties
+            v = {k: (t * 4).floor() for k, t in v.items()}
+        v["q_head"] *= float(torch.rand(1, generator=gen)) * 0.5
+        start = MaskSet.full(g)
+        if trial % 2:
+            for k, sh in shapes.items():
+                if k != "layer":
+                    start[k][torch.rand(sh, generator=gen) < 0.15] = False
+        for target in (0.0, 0.07, 0.23, 0.41, 0.66, 0.9):
+            got = global_allocate(Scores(v), s, start, target, budget)
+            want = _reference_allocate(Scores(v), s, start, target, budget)
+            assert got == want, (trial, target)
+
+
+def test_count_budget_by_hand(adapter):
+    """N = 4 layers x (6 heads + 48 channels) = 216 units; at r = 0.1 the authors' threshold keeps
+    int(216 * 0.9) = 194 and removes k = 216 - 194 + 1 = 23 units, the lowest-scored of the
+    unprotected layers (protected ones score inf there)."""
+    s = _structures(adapter, attention="q_head", protected_layers=(0, 3))
+    assert s.unit_count_total() == 216 and count_threshold(216, 0.1) == 23
+    assert count_threshold(216, 0.0) == 1 and count_threshold(216, 1.0) == 216
+    gen = torch.Generator().manual_seed(5)
+    v = {k: torch.rand(t.shape, generator=gen) for k, t in _scores().items()}
+    full = MaskSet.full(adapter.geometry)
+    new = GlobalRank(GlobalRank.Params(budget="count")).allocate(Scores(v), s, full, 0.1)
+    gone = [(v[k][i, u].item(), k) for k in ("q_head", "mlp_channel") for i, u in _removed(new, full, k)]
+    assert len(gone) == 23
+    cand = sorted(v[k][i, u].item() for k in ("q_head", "mlp_channel")
+                  for i, u in s.candidate(k).nonzero().tolist())
+    assert sorted(x for x, _ in gone) == cand[:23]
+    # cumulative: 23 already removed, the next ratio's threshold counts them
+    more = GlobalRank(GlobalRank.Params(budget="count")).allocate(Scores(v), s, new, 0.15)
+    assert sum(int((~more[k]).sum()) for k in ("q_head", "mlp_channel")) == count_threshold(216, 0.15) == 34
+    assert more.is_subset_of(new)
+
+
+def test_global_on_qwen3_8b_shape_runs():
+    """~380k candidate units (Qwen3-8B geometry, 31 unprotected layers): the budget is met
+    within half a unit, min_keep holds, the KV axis is untouched (q_head units)."""
+    g = Geometry(num_layers=36, hidden_size=4096, num_heads=32, num_kv_heads=8, head_dim=128, intermediate_size=12288)
+    H, hd, L = 4096, 128, 36
+    costs = {"q_head": torch.full((L, 32), float(2 * H * hd)), "kv_group": torch.full((L, 8), float(6 * H * hd)),
+             "mlp_channel": torch.full((L, 12288), float(3 * H)),
+             "layer": torch.full((L, 1), float(32 * 2 * H * hd + 8 * 2 * H * hd + 12288 * 3 * H))}
+    spec = StructureSpec(attention="q_head")
+    prunable = torch.ones(L, dtype=torch.bool)
+    prunable[protected_layer_indices(spec, L)] = False
+    s = Structures(g, spec, prunable, costs)
+    assert int(s.candidate("q_head").sum() + s.candidate("mlp_channel").sum()) == 381920
+    gen = torch.Generator().manual_seed(0)
+    v = {k: torch.rand(t.shape, generator=gen) for k, t in costs.items()}
+    v["q_head"] *= 0.2
+    full = MaskSet.full(g)
+    new = GlobalRank().allocate(Scores(v), s, full, 0.4)
+    got = float(removed_parameters(new, s).sum())
+    assert abs(got - 0.4 * s.prunable_parameter_total()) <= (2 * H * hd + 2 * H * hd) / 2
+    assert int(new.q_head[prunable].sum(1).min()) >= 1 and int(new.mlp_channel[prunable].sum(1).min()) >= 1
+    assert bool(new.kv_group.all()) and bool(new.q_head[~prunable].all())
+
+
+# --------------------------------------------------------------------------------------------------
+# The authors' schedule: linspace steps, milestones crossed on the measured sparsity
+# --------------------------------------------------------------------------------------------------
+
+def test_step_size_is_the_authors_linspace():
+    # their Qwen3-8B configs: ratio 0.7, iteration 112 -> torch.linspace(0, 0.7, 112)
+    steps = _steps(target=0.7, step_size=0.7 / 111, milestones_on="reached", milestones=[0.1, 0.2, 0.3, 0.4, 0.5])
+    want = torch.linspace(0, 0.7, 112)
+    assert len(steps) == 112
+    assert [s.sparsity for s in steps[:-1]] == [float(x) for x in want[:-1]]  # float32 values, first 0
+    assert steps[-1].sparsity == 0.7 and steps[-1].milestone
+    assert not any(s.milestone for s in steps[:-1]) and all(s.regenerate_fraction == 0 for s in steps)
+    assert all(s.measured_milestones == {0.1: 1.0, 0.2: 1.0, 0.3: 1.0, 0.4: 1.0, 0.5: 1.0} for s in steps)
+    # half-point steps to 40%: 81 points 0, 0.005, ..., 0.4
+    steps = _steps(target=0.4, step_size=0.005)
+    assert len(steps) == 81 and steps[0].sparsity == 0.0 and steps[1].sparsity == pytest.approx(0.005)
+    assert [s.sparsity for s in steps if s.milestone] == [0.4]
+    # milestones_on: steps puts milestones in as steps, as with equal steps
+    steps = _steps(target=0.4, step_size=0.1, milestones=[0.15, 0.3], regenerate_fraction=0.5)
+    assert [s.sparsity for s in steps] == [0.0, 0.1, 0.15, 0.2, 0.3, 0.4]
+    assert [s.regenerate_fraction for s in steps] == [0, 0, 0.5, 0, 0.5, 0]
+
+
+def test_milestones_crossed_on_measured_sparsity():
+    steps = _steps(target=0.7, step_size=0.1, milestones_on="reached", milestones=[0.1, 0.2, 0.3],
+                   regenerate_fraction=0.8, regenerate_overrides={0.2: 0.0})
+    # a run whose measured sparsity lags the count targets: 0 -> .04 -> .09 -> .12 -> .25 -> .31 ...
+    measured = [0.0, 0.04, 0.09, 0.12, 0.25, 0.31, 0.36, 0.4]
+    crossed = [steps[k].milestones_crossed(measured[k], measured[k + 1]) for k in range(7)]
+    assert crossed == [[], [], [(0.1, 0.8)], [(0.2, 0.0)], [(0.3, 0.8)], [], []]
+    # two milestones in one step come in order; a step that removes nothing crosses none;
+    # a milestone at the previous measurement was crossed before (previous < m <= reached)
+    assert steps[0].milestones_crossed(0.05, 0.21) == [(0.1, 0.8), (0.2, 0.0)]
+    assert steps[0].milestones_crossed(0.2, 0.2) == [] and steps[0].milestones_crossed(0.1, 0.15) == []
+    assert Step(0.3, True).milestones_crossed(0.0, 0.5) == []  # planned milestones: nothing measured
+
+
+@pytest.mark.parametrize("params", [
+    dict(target=0.4, step_size=0.0),
+    dict(target=0.4, step_size=1.5),
+    dict(target=0.4, step_size=0.01, steps=8),
+    dict(target=0.4, milestones_on="sometimes"),
+])
+def test_schedule_paper_parameter_errors(params):
+    with pytest.raises(ValidationError):
+        Progressive.Params(**params)
+
+
+def test_reached_milestones_may_exceed_a_count_target():
+    # with budget: count the target is a unit ratio, milestones stay sparsities
+    Progressive.Params(target=0.3, step_size=0.01, milestones_on="reached", milestones=[0.2, 0.4])
+    with pytest.raises(ValidationError):
+        Progressive.Params(target=0.3, milestones=[0.2, 0.4])
+
+
+# --------------------------------------------------------------------------------------------------
+# Targets the structures cannot reach
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec, target, field", [
+    (dict(protect_first=0.75, protect_last=1), 0.2, "structures.protect_first"),
+    (dict(protected_layers=(0, 1, 2, 3)), 0.2, "structures.protected_layers"),
+    (dict(protect_last=100), 0.2, "structures.protect_last"),
+    (dict(protect_last=4), 0.0, "structures.protect_last"),
+    (dict(protected_layers=(-1, 99)), 0.2, "structures.protected_layers"),
+    (dict(protected_layers=(0, 4)), 0.0, "structures.protected_layers"),
+    (dict(min_keep=1000000), 0.2, "structures.min_keep"),
+    (dict(min_keep=48, attention="none"), 0.2, "structures.min_keep"),
+    (dict(protected_layers=(0, 3)), 0.85, "schedule.params.target"),
+    (dict(protected_layers=(0, 3), sparsity_basis="all_blocks"), 0.45, "schedule.params.target"),
+])
+def test_unreachable_targets_are_refused(adapter, spec, target, field):
+    s = _structures(adapter, **spec)
+    with pytest.raises(RespError) as exc:
+        check_reachable(s, target)
+    msg = str(exc.value)
+    assert msg.startswith(field + ":") and "\n" not in msg, msg
+
+
+def test_reachable_limits_by_hand(adapter):
+    # protected 0 and 3, min_keep 1, KV groups + channels: each prunable layer can lose 2 of 3
+    # groups and 47 of 48 channels
+    s = _structures(adapter, protected_layers=(0, 3))
+    best = (2 * KV + 47 * CH) / LAYER
+    assert max_reachable_sparsity(s) == pytest.approx(best)
+    assert max_reachable_sparsity(s, "all_blocks") == pytest.approx(best / 2)
+    check_reachable(s, best - 1e-6)
+    with pytest.raises(RespError):
+        check_reachable(s, best + 1e-3)
+    # q_head units, min_keep 3: 3 heads left fill 2 of the 3 groups (2 heads per group), so one
+    # group's k/v rows go on prunable_blocks but not on the authors' basis
+    q = _structures(adapter, attention="q_head", protected_layers=(0, 3), min_keep=3)
+    assert max_reachable_sparsity(q) == pytest.approx((3 * PER_Q + KV_ONLY + 45 * CH) / LAYER)
+    assert max_reachable_sparsity(q, "all_blocks") == pytest.approx((3 * PER_Q + 45 * CH) / (2 * LAYER))
+    # the count budget: 2 layers x (3 + 45) removable units of N = 216; a milestone too far
+    check_reachable(q, 0.43, budget="count")  # k = 216 - int(216 * 0.57) + 1 = 216 - 123 + 1 = 94
+    with pytest.raises(RespError, match="count threshold removes 97 of the 216 units, but at most 96"):
+        check_reachable(q, 0.44, budget="count")  # k = 216 - int(120.96) + 1 = 97
+    with pytest.raises(RespError, match=r"^schedule\.params\.milestones: 0\.9"):
+        check_reachable(q, 0.3, budget="count", milestones=[0.2, 0.9])
+
+
+def test_check_plan_reads_the_schedule(adapter):
+    s = _structures(adapter, protected_layers=(0, 3))
+    check_plan(s, _steps(target=0.4, steps=4, milestones=[0.2]))
+    with pytest.raises(RespError, match="schedule.params.target"):
+        check_plan(s, _steps(target=0.9, steps=4))
+    with pytest.raises(RespError, match="schedule.params.milestones"):
+        check_plan(s, _steps(target=0.4, step_size=0.1, milestones_on="reached", milestones=[0.2, 0.95]),
+                   budget="count")
+    with pytest.raises(RespError, match="beyond the target 0.3"):  # parameters: the run stops at 0.3
+        check_plan(s, _steps(target=0.3, step_size=0.1, milestones_on="reached", milestones=[0.2, 0.35]))
+    check_plan(s, _steps(target=0.3, step_size=0.1, milestones_on="reached", milestones=[0.2, 0.35]), budget="count")

@@ -198,14 +198,37 @@ def kept_parameter_count(adapter: DecoderAdapter, mask: MaskSet, costs: dict[str
     return int(round(dense - removed))
 
 
-def sparsity_of(mask: MaskSet, structures) -> float:
-    """Fraction of the unprotected blocks' parameters removed (the run's 'sparsity')."""
+def removed_parameters(mask: MaskSet, structures, basis: str | None = None) -> torch.Tensor:
+    """[L] float64: projection parameters each layer has lost under ``mask``, as counted on
+    ``basis`` (default: the recipe's).  A removed layer loses all its projections.  K/V rows of a
+    KV head without query heads count except on the authors' basis with ``q_head`` units
+    (:meth:`Structures.counts_kv_removal`); on ``prunable_blocks`` protected layers count 0."""
+    basis = basis or structures.spec.sparsity_basis
     e = mask.effective()
-    g = structures.geometry
     c = structures.costs
-    kv_only = c["kv_group"] - g.heads_per_group * c["q_head"][:, :1]
-    per_layer = ((~e.q_head) * c["q_head"]).sum(1) + ((~e.kv_group) * kv_only).sum(1)
-    per_layer = per_layer + ((~e.mlp_channel) * c["mlp_channel"]).sum(1)
-    per_layer = torch.where(e.layer[:, 0], per_layer, c["layer"][:, 0])
-    total = structures.prunable_parameter_total()
-    return float(per_layer.sum()) / total if total else 0.0
+    per_layer = ((~e.q_head) * c["q_head"]).sum(1, dtype=torch.float64)
+    if structures.counts_kv_removal(basis):
+        per_layer = per_layer + ((~e.kv_group) * structures.kv_only).sum(1, dtype=torch.float64)
+    per_layer = per_layer + ((~e.mlp_channel) * c["mlp_channel"]).sum(1, dtype=torch.float64)
+    per_layer = torch.where(e.layer[:, 0], per_layer, c["layer"][:, 0].double())
+    if basis != "all_blocks":
+        per_layer = torch.where(structures.prunable_layers, per_layer, torch.zeros_like(per_layer))
+    return per_layer
+
+
+def sparsity_on(mask: MaskSet, structures, basis: str) -> float:
+    """Fraction of the ``basis`` denominator removed (see :mod:`resp_core.model.structures`)."""
+    total = structures.basis_total(basis)
+    return float(removed_parameters(mask, structures, basis).sum()) / total if total else 0.0
+
+
+def sparsity_of(mask: MaskSet, structures) -> float:
+    """The run's 'sparsity': on the recipe's ``structures.sparsity_basis``."""
+    return sparsity_on(mask, structures, structures.spec.sparsity_basis)
+
+
+def sparsity_report(mask: MaskSet, structures) -> dict:
+    """Both figures and the recipe's, for every metrics row: ``sparsity`` (on the recipe's
+    basis), ``sparsity_prunable_blocks`` (RESP's) and ``sparsity_all_blocks`` (the authors')."""
+    out = {f"sparsity_{b}": sparsity_on(mask, structures, b) for b in ("prunable_blocks", "all_blocks")}
+    return {"sparsity": out[f"sparsity_{structures.spec.sparsity_basis}"], **out}
