@@ -279,6 +279,18 @@ class Step:
     sparsity: float
     milestone: bool
     regenerate_fraction: float = 0.0  # fraction of traces regenerated after this step (milestones)
+    # Milestones judged on the sparsity the run has *measured* (the authors' schedule), as
+    # {milestone sparsity: ρ}; empty for schedules whose milestones are steps.  See
+    # :meth:`milestones_crossed`.
+    measured_milestones: dict[float, float] = field(default_factory=dict)
+
+    def milestones_crossed(self, previous: float, reached: float) -> list[tuple[float, float]]:
+        """(milestone, ρ) of :attr:`measured_milestones` that this step crossed, ascending:
+        ``previous < m <= reached``, where ``previous`` is the sparsity measured before the step
+        and ``reached`` after it (on the recipe's basis).  At each crossing the run evaluates
+        the current model (recorded with target ``m``) and, when ρ > 0 and steps remain,
+        regenerates a fraction ρ of the traces; the next step rescores on them."""
+        return [(m, r) for m, r in sorted(self.measured_milestones.items()) if previous < m <= reached]
 
 
 class Schedule(ABC):
