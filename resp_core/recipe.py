@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import RespError
 from .model.structures import StructureSpec
@@ -49,6 +49,10 @@ class StructuresSection(_Strict):
     protect_last: int = 1
     protected_layers: list[int] | None = None
     min_keep: int = 1
+    # what "sparsity" means: "prunable_blocks" (RESP) or "all_blocks" (the authors'); see
+    # resp_core/model/structures.py.  protect_first rounded "ceil" (RESP) or "floor" (the authors')
+    sparsity_basis: Literal["prunable_blocks", "all_blocks"] = "prunable_blocks"
+    protect_rounding: Literal["ceil", "floor"] = "ceil"
 
     @field_validator("protect_first")
     @classmethod
@@ -56,6 +60,12 @@ class StructuresSection(_Strict):
         if not 0.0 <= v < 1.0:
             raise ValueError(f"must be in [0, 1), got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _some_kind(self):
+        if not self.layers and self.attention == "none" and self.mlp == "none":
+            raise ValueError("nothing to prune: attention and mlp are 'none' and layers is false")
+        return self
 
     def spec(self) -> StructureSpec:
         d = self.model_dump()
