@@ -63,19 +63,26 @@ def tiny(testbed_tokenizer):
 
 
 class RecordingGenerator(HFGenerator):
-    """The real backend, recording every call."""
+    """The real backend, recording every call (lm-eval's prompts arrive as rendered text)."""
 
     def __init__(self):
         super().__init__(HFGenerator.Params(batch_size=8))
         self.calls = []
+        self.text_calls = []
 
     def generate(self, conversations, sampling, progress=None, description="Generating"):
         self.calls.append({"conversations": conversations, "sampling": sampling})
         return super().generate(conversations, sampling, progress, description)
 
+    def generate_text(self, prompts, sampling, progress=None, description="Generating", add_special_tokens=False):
+        self.text_calls.append({"prompts": prompts, "sampling": sampling, "add_special_tokens": add_special_tokens})
+        return super().generate_text(prompts, sampling, progress, description, add_special_tokens)
+
 
 class ScriptedGenerator(Generator):
-    """Answers each conversation with ``respond(last user message)``; records every call."""
+    """Answers each conversation with ``respond(last user message)``; records every call.  Takes
+    conversations only (as a third-party backend may), so lm-eval's chat prompts reach it as the
+    conversations they were rendered from."""
 
     def __init__(self, respond):
         self.respond = respond
@@ -88,6 +95,15 @@ class ScriptedGenerator(Generator):
             text = self.respond(conv[-1]["content"])
             out.append(Completion([1], [2] * 5, text, True))
         return out
+
+
+def _turns(tok, prompt: str) -> list[dict]:
+    """The chat turns of a prompt rendered with the testbed's ChatML template."""
+    turns = []
+    for part in prompt.split("<|im_start|>")[1:]:
+        role, _, content = part.partition("\n")
+        turns.append({"role": role, "content": content.split("<|im_end|>")[0]})
+    return turns[:-1]  # the last is the open assistant turn
 
 
 def _ctx(model, tok, generator) -> RunContext:
@@ -146,13 +162,14 @@ def test_tiny_model_both_tasks(tiny, gsm_rows, mqa_rows):
     assert m["resp_gsm8k_cot/n"] == 3 and m["resp_mathqa_gen/n"] == 3
     assert m["resp_gsm8k_cot/mean_tokens"] <= 12
 
-    # the backend did the sampling: one call per task, with the paper's decoding
-    assert len(gen.calls) == 2
-    for call in gen.calls:
+    # the backend did the sampling from lm-eval's rendered prompts: one call per task (their stop
+    # strings differ), with the paper's decoding
+    assert len(gen.text_calls) == 2 and gen.calls == []
+    for call in gen.text_calls:
         s = call["sampling"]
         assert s.do_sample is True and s.temperature == 0.6 and s.top_p == 0.95 and s.top_k == 20
         assert s.max_new_tokens == 12 and s.enable_thinking is True
-        assert len(call["conversations"]) == 3
+        assert len(call["prompts"]) == 3
 
     recs = {t: [r for r in res.records if r["task"] == t] for t in BOTH}
     assert len(recs["resp_gsm8k_cot"]) == 3 and len(recs["resp_mathqa_gen"]) == 3
@@ -160,7 +177,11 @@ def test_tiny_model_both_tasks(tiny, gsm_rows, mqa_rows):
     # GSM8K: 8 few-shot examples, human solutions from the train split, as chat turns
     train_q = {row["question"].strip() for row in gsm_rows["train"]}
     test_q = {row["question"].strip(): row for row in gsm_rows["test"]}
-    gsm_convs = next(c["conversations"] for c in gen.calls if "Question:" in c["conversations"][0][-1]["content"])
+    prompts = [p for call in gen.text_calls for p in call["prompts"]]
+    convs = [_turns(tok, p) for p in prompts]
+    assert all(p.endswith("<|im_start|>assistant\n") for p in prompts)
+    gsm_convs = [c for c in convs if c[-1]["content"].startswith("Question:")]
+    assert len(gsm_convs) == 3
     for conv in gsm_convs:
         users = [m for m in conv if m["role"] == "user"]
         assistants = [m for m in conv if m["role"] == "assistant"]
@@ -176,7 +197,8 @@ def test_tiny_model_both_tasks(tiny, gsm_rows, mqa_rows):
         assert r["gold"] == task_utils.gsm8k_gold(r["doc"])
 
     # MathQA: zero-shot, the five options listed
-    mqa_convs = next(c["conversations"] for c in gen.calls if "Options:" in c["conversations"][0][-1]["content"])
+    mqa_convs = [c for c in convs if "Options:" in c[-1]["content"]]
+    assert len(mqa_convs) == 3
     by_problem = {row["Problem"].strip(): row for row in mqa_rows}
     for conv in mqa_convs:
         assert len(conv) == 1 and conv[0]["role"] == "user"
@@ -257,7 +279,8 @@ def test_sampling_from_gen_kwargs(tiny):
     model, tok = tiny
     lm = leh.make_lm(model, tok, HFGenerator(), sampling=leh.SamplingParams(max_new_tokens=99), seed=3)
     s, until = lm.sampling_for({"until": "Q:", "do_sample": True, "temperature": 0.6, "max_gen_toks": 2048})
-    assert (s.do_sample, s.temperature, s.max_new_tokens, s.seed, until) == (True, 0.6, 2048, 3, ["Q:"])
+    assert (s.do_sample, s.temperature, s.max_new_tokens, s.seed) == (True, 0.6, 2048, 3)
+    assert until == ["Q:", tok.eos_token]  # lm-eval adds the EOS text
     s, _ = lm.sampling_for({"temperature": 0.6})  # no do_sample: sampled, not silently greedy
     assert s.do_sample is True and s.max_new_tokens == 99
     s, _ = lm.sampling_for({"do_sample": False, "temperature": 0.0})
@@ -288,12 +311,11 @@ def test_plain_text_prompts_without_chat_template(tiny):
                     sampling={"max_new_tokens": 4, "enable_thinking": False})
     res = ev.evaluate(_ctx(model, tok, gen))
     _finite(res.metrics)
-    assert gen.calls == []  # raw text cannot go through the chat backend
     (rec,) = res.records
     assert rec["prompt"].startswith("Question: ") and rec["prompt"].count("Question:") == 2
     assert "<|im_start|>" not in rec["prompt"]
-    (call,) = ev.last_lm.calls
-    assert call["sampling"].do_sample is True and call["raw"] == 1
+    (call,) = gen.text_calls  # the plain text went through the backend as it is
+    assert call["prompts"] == [rec["prompt"]] and call["sampling"].do_sample is True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -380,7 +402,8 @@ def test_bad_data_dir(tiny, tmp_path):
 
 def test_task_files_are_package_data():
     names = {p.name for p in leh.TASKS_DIR.iterdir()}
-    assert {"resp_gsm8k_cot.yaml", "resp_mathqa_gen.yaml", "utils.py"} <= names
+    assert {"resp_gsm8k_cot.yaml", "resp_mathqa_gen.yaml", "resp_gsm8k_cot_paper.yaml", "resp_mathqa_paper.yaml",
+            "utils.py"} <= names
 
 
 def test_unreachable_hub_is_one_line_resp_error(tiny, monkeypatch):

@@ -387,9 +387,9 @@ def test_mathqa_bad_data(tmp_path):
 
 def test_mathqa_hub_failure_is_one_line_resp_error(monkeypatch):
     def load_dataset(*args, **kwargs):
-        raise FileNotFoundError("Dataset 'allenai/math_qa' doesn't exist\nmore")
+        raise FileNotFoundError("Dataset 'regisss/math_qa' doesn't exist\nmore")
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     with pytest.raises(RespError) as exc:
         mq.MathQA().items("validation", 5, 0)
-    assert "\n" not in str(exc.value) and "allenai/math_qa" in str(exc.value)
+    assert "\n" not in str(exc.value) and "regisss/math_qa" in str(exc.value)

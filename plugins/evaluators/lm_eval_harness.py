@@ -1,32 +1,45 @@
 """Accuracy through the EleutherAI lm-eval harness, on the in-memory (masked) model.
 
-The run's model and tokenizer are wrapped as an ``lm_eval.api.model.LM`` (:class:`RespLM`);
-nothing is saved or reloaded, so the masks of the current step apply.
+The run's model and tokenizer are wrapped in :class:`~resp_plugins.evaluators.lm_eval_model.RespLM`,
+a subclass of lm-eval's own ``HFLM``; nothing is saved or reloaded, so the masks of the current
+step apply.  Generative tasks sample through the run's generation backend (``ctx.generator``);
+loglikelihood tasks (multiple choice, perplexity) run HFLM's own code.
 
-* ``generate_until`` goes through the run's generation backend (``ctx.generator``): the same
-  batched, seeded, chat-templated (thinking-mode) sampling as calibration and ``task_accuracy``.
-  Requests are grouped by their generation kwargs (one backend call per group).
-* lm-eval's quirk: a task whose ``generation_kwargs`` lack ``do_sample`` decodes greedily.  This
-  evaluator always writes ``do_sample``, ``temperature``, ``top_p``, ``top_k`` and
-  ``max_gen_toks`` into every generative task's kwargs; :class:`RespLM` itself, given kwargs
-  without ``do_sample``, samples iff ``temperature > 0`` (and warns) instead of silently going
-  greedy.
-* Stop strings (``until``, e.g. ``"Question:"``) are applied after generation, and only to the
-  text after the last ``</think>``: with thinking on and no ``</think>`` (a trace still running
-  at ``max_new_tokens``) none apply, so a stop string can never cut a reasoning trace short.
-  The backend has no stop-string support, so generation always runs to EOS or the token budget.
-* ``loglikelihood`` / ``loglikelihood_rolling`` (multiple-choice and perplexity tasks) run the
-  model directly.
+* lm-eval decodes greedily when a task's ``generation_kwargs`` lack ``do_sample``: this evaluator
+  writes ``do_sample``, ``temperature``, ``top_p``, ``top_k`` and ``max_gen_toks`` (``sampling``)
+  into every generative task.
+* ``stop_strings``: ``after_think`` (RESP) cuts only after the last ``</think>``, so a stop string
+  inside a reasoning trace cannot end it; ``whole_output`` (the authors', lm-eval's HF backend)
+  cuts at the first occurrence anywhere.  Unset: each task's ``metadata.resp_stop_strings``
+  (the paper tasks say ``whole_output``), else ``after_think``.
 
-Tasks: RESP ships ``resp_gsm8k_cot`` (GSM8K 8-shot CoT, exact match on the final number) and
-``resp_mathqa_gen`` (generative zero-shot MathQA, the option letter), as YAML files in
-``lm_eval_tasks/`` beside this module (usable with the lm-eval CLI through ``--include_path``).
-Any other lm-eval task name also works (lm-eval's built-in tasks are indexed only when asked for).
+Tasks shipped in ``lm_eval_tasks/`` (usable from lm-eval's own CLI with ``--include_path``):
+
+* ``resp_gsm8k_cot_paper`` -- the paper's GSM8K: lm-eval's own ``gsm8k_cot`` (Wei et al.'s 8
+  fixed exemplars, ``Q:``/``A:``, "The answer is N.", strict / flexible regex) read from the
+  installed lm-eval, sampled, 2048 new tokens (the authors' ``gsm8k_cot_sample``);
+* ``resp_mathqa_paper`` -- the paper's MathQA: zero-shot ``Question: …\\nOptions: {raw options}\\nAnswer:``,
+  4096 new tokens (the authors' ``mathqa_decoding``), RESP's letter extraction;
+* ``resp_gsm8k_cot`` -- RESP's variant: 8 human solutions drawn from the train split,
+  ``Question:``/``Answer:``, ``\\boxed{}``-aware extraction and math-verify;
+* ``resp_mathqa_gen`` -- RESP's variant: options listed as ``(a) …`` lines with an answer instruction.
+
+Any other lm-eval task name works too (lm-eval's built-in tasks are indexed only when asked for).
 ``data_dir`` points a RESP task at local files instead of the hub.
 
-Optional ``llm_extractor``: a local model, driven through a generation backend of the same kind
-as the run's, reads each completion and names its final answer (the paper uses a separate LLM for
-this); its accuracy and its agreement with the regex extraction are reported.
+Judging, optional: ``llm_judge`` is the authors' lenient true/false LLM judge (their
+``modules/eval/answer_extract_gsm8k.py`` / ``answer_extract_mathqa.py``, ``ask_true_false``): a
+local model, through a generation backend, is shown the target and the response and answers
+``ANSWER: true/false``; ``judge_accuracy`` is the fraction judged true.  ``llm_extractor`` (RESP's)
+asks a local model for the final answer and reports its agreement with the regex extraction.
+
+Metrics (row keys): ``<task>/<metric>`` or ``<task>/<metric>/<filter>`` (e.g.
+``resp_gsm8k_cot_paper/exact_match/strict-match``), its standard error under ``…/stderr``,
+``<task>/n``, ``<task>/finished``, ``<task>/mean_tokens``, ``<task>/judge_accuracy``.  One main
+metric per task (``main_metric``; default: the judge's accuracy when a judge is set, else the
+task's ``metadata.resp_main_metric``, else lm-eval's first metric) also carries
+``<key>@seed<s>`` per seed and ``<key>/std`` over several seeds -- the keys comparisons aggregate
+and run tables show.
 """
 
 from __future__ import annotations
@@ -38,26 +51,29 @@ import random
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
 from resp_core import hookimpl
 from resp_core.errors import RespError
-from resp_core.interfaces import EvalResult, Evaluator, Params, Progress, RunContext, SamplingParams
+from resp_core.interfaces import EvalResult, Evaluator, Params, RunContext, SamplingParams
 
 log = logging.getLogger(__name__)
 
 TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
-RESP_TASKS = {"resp_gsm8k_cot": "gsm8k", "resp_mathqa_gen": "mathqa"}  # task -> kind
+# RESP task -> kind (which local files, extraction and judge prompt it uses)
+RESP_TASKS = {"resp_gsm8k_cot": "gsm8k", "resp_mathqa_gen": "mathqa",
+              "resp_gsm8k_cot_paper": "gsm8k", "resp_mathqa_paper": "mathqa"}
+PAPER_TASKS = {"gsm8k": "resp_gsm8k_cot_paper", "mathqa": "resp_mathqa_paper"}
 # local files per kind: lm-eval split -> file name (optional ones may be missing)
 LOCAL_FILES = {
     "gsm8k": {"train": "train.jsonl", "test": "test.jsonl"},
     "mathqa": {"validation": "dev.json", "test": "test.json"},
 }
 OPTIONAL_FILES = {"mathqa": {"train": "train.json"}}
-THINK_END = "</think>"
+STOP_MODES = ("after_think", "whole_output")
 
 
 def _task_utils():
@@ -66,317 +82,40 @@ def _task_utils():
     return utils
 
 
-# --------------------------------------------------------------------------------------------------
-# Stop strings
-# --------------------------------------------------------------------------------------------------
+def _lm_module():
+    try:
+        from resp_plugins.evaluators import lm_eval_model
+    except ImportError as exc:
+        raise RespError(f"the lm_eval evaluator needs lm-eval and accelerate ({exc.name} is missing): "
+                        "pip install 'resp[eval]'") from None
+    return lm_eval_model
+
 
 def apply_stop_sequences(text: str, until: list[str] | None, thinking: bool) -> str:
-    """Cut ``text`` at the first stop string found after the last ``</think>``.
+    """RESP's ``after_think`` stop-string cut (see :mod:`.lm_eval_model`)."""
+    return _lm_module().apply_stop_sequences(text, until, thinking)
 
-    Without a ``</think>``: when ``thinking`` the whole text may be a reasoning trace (cut by the
-    token budget) and nothing is cut; otherwise the stops apply to the whole text."""
-    if not until:
-        return text
-    i = text.rfind(THINK_END)
-    if i >= 0:
-        head, tail = text[: i + len(THINK_END)], text[i + len(THINK_END):]
-    elif thinking:
-        return text
-    else:
-        head, tail = "", text
-    cut = len(tail)
-    for stop in until:
-        if stop:
-            j = tail.find(stop)
-            if 0 <= j < cut:
-                cut = j
-    return head + tail[:cut]
+
+def make_lm(model, tokenizer, generator=None, **kwargs):
+    """A :class:`~resp_plugins.evaluators.lm_eval_model.RespLM` on an in-memory model."""
+    return _lm_module().RespLM(model, tokenizer, generator=generator, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------
-# The lm-eval model wrapper
+# Parameters
 # --------------------------------------------------------------------------------------------------
 
-def _lm_base():
-    try:
-        from lm_eval.api.model import LM
-    except ImportError:
-        raise RespError(
-            "the lm_eval evaluator needs the 'lm-eval' package: pip install 'resp[eval]' "
-            "(or: pip install 'lm-eval>=0.4.10' math-verify)"
-        ) from None
-    return LM
-
-
-def make_lm(*args, **kwargs):
-    """A :class:`RespLM` (the class is built on first use so that importing this plugin does not
-    need lm-eval)."""
-    return _resp_lm_class()(*args, **kwargs)
-
-
-_RESP_LM = None
-
-
-def _resp_lm_class():
-    global _RESP_LM
-    if _RESP_LM is not None:
-        return _RESP_LM
-    LM = _lm_base()
-
-    class RespLM(LM):
-        """The in-memory model as an lm-eval LM: generation through a RESP generation backend,
-        loglikelihoods with the model directly."""
-
-        def __init__(self, model, tokenizer, generator, *, sampling: SamplingParams, seed: int = 0,
-                     use_chat_template: bool = True, progress: Progress | None = None,
-                     batch_size: int = 8, max_length: int | None = None):
-            super().__init__()
-            self.model, self.tokenizer, self.generator = model, tokenizer, generator
-            self.defaults = sampling
-            self.seed = seed
-            self.use_chat_template = use_chat_template
-            self.progress = progress or Progress()
-            self.batch_size = max(1, batch_size)
-            cfg_len = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-            self.max_length = max_length or cfg_len or 2048
-            self._chats: dict[str, list[dict]] = {}
-            self.calls: list[dict] = []  # one per backend call: sampling, until, n
-            self.completions: dict[tuple, list[dict]] = defaultdict(list)  # (task, doc_id) -> info
-            self._warned: set[str] = set()
-
-        # -- chat template -------------------------------------------------------------------
-        @property
-        def tokenizer_name(self) -> str:
-            name = str(getattr(self.tokenizer, "name_or_path", "") or "resp").replace("/", "__")
-            return f"{name}-thinking{int(bool(self.defaults.enable_thinking))}"
-
-        def chat_template(self, chat_template: bool | str = False) -> str:
-            return getattr(self.tokenizer, "chat_template", None) or ""
-
-        def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
-            messages = [{"role": m["role"], "content": m["content"]} for m in chat_history]
-            text = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                enable_thinking=self.defaults.enable_thinking,
-            )
-            if add_generation_prompt:  # the backend re-renders these messages identically
-                self._chats[text] = messages
-            return text
-
-        # -- generation ----------------------------------------------------------------------
-        def _warn_once(self, key: str, msg: str) -> None:
-            if key not in self._warned:
-                self._warned.add(key)
-                log.warning(msg)
-
-        def sampling_for(self, gen_kwargs: dict, group: int = 0) -> tuple[SamplingParams, list[str]]:
-            """SamplingParams and stop strings for one set of lm-eval generation kwargs."""
-            kw = dict(gen_kwargs or {})
-            until = kw.pop("until", None) or []
-            until = [until] if isinstance(until, str) else [str(u) for u in until]
-            max_new = kw.pop("max_gen_toks", None)
-            alt = kw.pop("max_new_tokens", None)
-            max_new = int(max_new or alt or self.defaults.max_new_tokens)
-            d = self.defaults
-            temperature = float(kw.pop("temperature", d.temperature))
-            top_p = float(kw.pop("top_p", d.top_p))
-            top_k = int(kw.pop("top_k", d.top_k))
-            do_sample = kw.pop("do_sample", None)
-            if do_sample is None:
-                do_sample = temperature > 0
-                self._warn_once("do_sample", f"lm_eval: generation kwargs without do_sample; sampling "
-                                             f"{'on' if do_sample else 'off'} from temperature={temperature} "
-                                             "(lm-eval's own backends would decode greedily)")
-            do_sample = bool(do_sample) and temperature > 0
-            kw.pop("enable_thinking", None)  # fixed per run: the prompt is already rendered with it
-            if kw:
-                self._warn_once(f"ignored{sorted(kw)}", f"lm_eval: ignoring generation kwargs {sorted(kw)}")
-            sp = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new,
-                                do_sample=do_sample, enable_thinking=d.enable_thinking,
-                                seed=self.seed + 100_003 * group)
-            return sp, until
-
-        def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-            if not requests:
-                return []
-            groups: dict[str, list[int]] = {}
-            for i, req in enumerate(requests):
-                key = json.dumps(req.args[1], sort_keys=True, default=str)
-                groups.setdefault(key, []).append(i)
-            out: list[str | None] = [None] * len(requests)
-            for g, idxs in enumerate(groups.values()):
-                sampling, until = self.sampling_for(requests[idxs[0]].args[1], g)
-                chat = [i for i in idxs if requests[i].args[0] in self._chats]
-                raw = [i for i in idxs if requests[i].args[0] not in self._chats]
-                self.calls.append({"sampling": sampling, "until": until, "n": len(idxs),
-                                   "chat": len(chat), "raw": len(raw)})
-                done = []
-                if chat:
-                    comps = self.generator.generate([self._chats[requests[i].args[0]] for i in chat], sampling,
-                                                    self.progress, "lm-eval generation")
-                    done += [(i, c.text, c.finished, len(c.completion_ids), True) for i, c in zip(chat, comps)]
-                if raw:
-                    done += [(i, *r, False) for i, r in zip(raw, self._generate_raw(
-                        [requests[i].args[0] for i in raw], sampling))]
-                for i, text, finished, ntok, is_chat in done:
-                    thinking = sampling.enable_thinking if is_chat else ("<think>" in text)
-                    cut = apply_stop_sequences(text, until, thinking)
-                    out[i] = cut
-                    req = requests[i]
-                    self.completions[(req.task_name, req.doc_id)].append(
-                        {"raw": text, "text": cut, "finished": finished, "tokens": ntok,
-                         "stopped": len(cut) < len(text)})
-                    self.cache_hook.add_partial("generate_until", req.args, cut)
-            return out  # type: ignore[return-value]
-
-        @torch.no_grad()
-        def _generate_raw(self, contexts: list[str], sampling: SamplingParams) -> list[tuple[str, bool, int]]:
-            """Plain-text prompts (no chat template): the backend only takes conversations, so
-            these are sampled with transformers ``generate`` directly, same settings and seeding."""
-            self._warn_once("raw", "lm_eval: apply_chat_template is off; sampling plain-text prompts with "
-                                   "transformers generate directly (not through the generation backend)")
-            tok, model = self.tokenizer, self.model
-            was_training = model.training
-            model.eval()
-            eos = tok.eos_token_id
-            pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-            device = next(model.parameters()).device
-            enc = [tok(c, add_special_tokens=False)["input_ids"] for c in contexts]
-            order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
-            res: list = [None] * len(enc)
-            bs = getattr(getattr(self.generator, "params", None), "batch_size", self.batch_size)
-            for b, start in enumerate(range(0, len(order), bs)):
-                idx = order[start: start + bs]
-                width = max(len(enc[i]) for i in idx)
-                ids = torch.full((len(idx), width), pad, dtype=torch.long)
-                att = torch.zeros((len(idx), width), dtype=torch.long)
-                for r, i in enumerate(idx):
-                    ids[r, width - len(enc[i]):] = torch.tensor(enc[i])
-                    att[r, width - len(enc[i]):] = 1
-                torch.manual_seed(sampling.seed + b)
-                kw = dict(max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample,
-                          pad_token_id=pad, eos_token_id=eos)
-                if sampling.do_sample:
-                    kw.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
-                else:
-                    kw.update(temperature=None, top_p=None, top_k=None)
-                new = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), **kw)[:, width:].tolist()
-                for r, i in enumerate(idx):
-                    seq = new[r]
-                    finished = eos in seq
-                    seq = seq[: seq.index(eos)] if finished else [t for t in seq if t != pad]
-                    res[i] = (tok.decode(seq, skip_special_tokens=True), finished, len(seq))
-            model.train(was_training)
-            return res
-
-        # -- loglikelihoods ------------------------------------------------------------------
-        @property
-        def prefix_token_id(self) -> int:
-            tok = self.tokenizer
-            for t in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id):
-                if t is not None:
-                    return t
-            return 0
-
-        def _enc(self, text: str) -> list[int]:
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-        def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-            n_spaces = len(context) - len(context.rstrip())
-            if n_spaces:
-                continuation = context[-n_spaces:] + continuation
-                context = context[:-n_spaces]
-            whole = self._enc(context + continuation)
-            ctx = self._enc(context)
-            return ctx, whole[len(ctx):]
-
-        @torch.no_grad()
-        def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-            """Sum of log-probabilities of each continuation given its context, and whether it is
-            the greedy continuation.  Right-padded batches, longest first; left-truncated."""
-            model = self.model
-            was_training = model.training
-            model.eval()
-            device = next(model.parameters()).device
-            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-            order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
-            res: list = [None] * len(pairs)
-            for start in range(0, len(order), self.batch_size):
-                idx = order[start: start + self.batch_size]
-                rows, spans = [], []
-                for i in idx:
-                    ctx, cont = pairs[i]
-                    cont = cont[-self.max_length:]
-                    full = (ctx + cont)[-(self.max_length + 1):]
-                    inp = full[:-1]
-                    rows.append(inp)
-                    spans.append((len(inp) - len(cont), cont))
-                width = max(len(r) for r in rows)
-                ids = torch.full((len(rows), width), pad, dtype=torch.long)
-                att = torch.zeros((len(rows), width), dtype=torch.long)
-                for r, row in enumerate(rows):
-                    ids[r, : len(row)] = torch.tensor(row)
-                    att[r, : len(row)] = 1
-                logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits
-                logp = torch.log_softmax(logits.float(), dim=-1).cpu()
-                for r, (i, (first, cont)) in enumerate(zip(idx, spans)):
-                    lp = logp[r, first: first + len(cont)]
-                    target = torch.tensor(cont, dtype=torch.long)
-                    total = lp.gather(1, target[:, None]).sum().item()
-                    greedy = bool((lp.argmax(-1) == target).all().item())
-                    res[i] = (total, greedy)
-            model.train(was_training)
-            return res
-
-        def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-            pairs = []
-            for req in requests:
-                context, continuation = req.args[0], req.args[1]
-                if context == "":
-                    pairs.append(([self.prefix_token_id], self._enc(continuation)))
-                else:
-                    pairs.append(self._encode_pair(context, continuation))
-            out = self._score(pairs)
-            for req, r in zip(requests, out):
-                self.cache_hook.add_partial("loglikelihood", req.args, r)
-            return out
-
-        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-            from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-
-            out = []
-            for req in requests:
-                tokens = self._enc(req.args[0])
-                windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
-                    token_list=tokens, prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length, context_len=1)]
-                total = sum(lp for lp, _ in self._score([(list(c), list(p)) for c, p in windows]))
-                out.append(total)
-                self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
-            return out
-
-        def get_model_info(self) -> dict:
-            return {"model_name": type(self.model).__name__, "tokenizer": self.tokenizer_name,
-                    "backend": type(self.generator).__name__}
-
-    _RESP_LM = RespLM
-    return RespLM
-
-
-# --------------------------------------------------------------------------------------------------
-# The evaluator
-# --------------------------------------------------------------------------------------------------
-
-DEFAULT_MAX_NEW_TOKENS = {"resp_gsm8k_cot": 2048, "resp_mathqa_gen": 4096}
+DEFAULT_MAX_NEW_TOKENS = {"resp_gsm8k_cot": 2048, "resp_mathqa_gen": 4096,
+                          "resp_gsm8k_cot_paper": 2048, "resp_mathqa_paper": 4096}
 
 
 class LmEvalSampling(Params):
     """Decoding for every generative task (the paper's: sampled, temperature 0.6, thinking)."""
 
     do_sample: bool = True
-    temperature: float = 0.6
-    top_p: float = 0.95
-    top_k: int = 20
+    temperature: float = Field(0.6, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    top_k: int = Field(20, ge=0)
     enable_thinking: bool = True
     # one budget for all tasks, or per task name (tasks not listed keep their YAML's max_gen_toks)
     max_new_tokens: int | dict[str, int] = Field(default_factory=lambda: dict(DEFAULT_MAX_NEW_TOKENS))
@@ -387,16 +126,30 @@ class LmEvalSampling(Params):
         return self.max_new_tokens.get(task)
 
 
-class LLMExtractor(Params):
-    """A local model that reads each completion and names its final answer."""
+class SideModel(Params):
+    """A second local model driven through a generation backend (greedy)."""
 
     model_path: str  # local folder (or hub id / "testbed"), loaded like a recipe's model
     dtype: str = "float32"
     device: str | None = None  # default: the run's device
-    max_new_tokens: int = 32
-    max_response_chars: int = 4000  # the tail of the (post-</think>) response shown to it
-    generator: str = "hf"  # generation backend (registry name) that drives it, greedy
+    generator: str = "hf"  # generation backend (registry name)
     generator_params: dict = Field(default_factory=dict)
+
+
+class LLMExtractor(SideModel):
+    """A local model that reads each completion and names its final answer (RESP's)."""
+
+    max_new_tokens: int = Field(32, ge=1)
+    max_response_chars: int = Field(4000, ge=1)  # the tail of the (post-</think>) response shown to it
+
+
+class LLMJudge(SideModel):
+    """The authors' lenient true/false judge: target and response in, ``ANSWER: true/false`` out."""
+
+    max_new_tokens: int = Field(150, ge=1)  # the authors' max_tokens
+    prompt: Literal["auto", "gsm8k", "mathqa"] = "auto"  # auto: by task kind (GSM8K's for other tasks)
+    max_response_chars: int | None = Field(None, ge=1)  # None: the whole response, as the authors
+    enable_thinking: bool = False  # the authors' judge is an instruct (non-thinking) model
 
 
 EXTRACTOR_PROMPT = (
@@ -406,9 +159,77 @@ EXTRACTOR_PROMPT = (
 )
 _WHAT = {"gsm8k": "a single number", "mathqa": "a single option letter (a, b, c, d or e)"}
 
+# The authors' judge prompts, verbatim (uncc-efficient-ai/RESP, modules/eval/answer_extract_gsm8k.py
+# and answer_extract_mathqa.py: SYSTEM_INSTRUCTIONS and the user message of ask_true_false).
+JUDGE_SYSTEM = {
+    "gsm8k": (
+        "You are an answer checker.\n"
+        "Return your answer in this EXACT format:\n"
+        "ANSWER: true/false\n"
+        "REASON: [your reasoning]\n\n"
+        "Task:\n"
+        "Given a JSON payload with `target` (string) and `resps` (list of strings),\n"
+        "return true if ANY element of `resps` contains a representation of the value as `target` in their "
+        "final answer. Otherwise return false. You do not have to be very restrict. Treat matching in a "
+        "commonsense manner (do not need to check format and unit)."
+    ),
+    "mathqa": (
+        "Return your answer in this EXACT format:\n"
+        "ANSWER: true/false\n"
+        "REASON: [your reasoning]\n\n"
+        "Task:\n"
+        "You are an expert evaluator for multiple-choice question answering tasks.\n"
+        "Given a question, a correct option with the specific value (target), and a model's solution, you "
+        "must determine whether the solution is correct.\n"
+        "You should strictly judge correctness based on the meaning \u2014 if the solution matches the correct "
+        "choice or expresses the same answer (even if written differently), mark it as true. Otherwise, "
+        "mark it as false.\n"
+        "The model's solution may either mention the option letter (e.g., \"B\") or the actual value "
+        "(e.g., \"30 mph\"). Both count as correct if they match in meaning.\n"
+        "Ignore case, punctuation, and minor phrasing differences when judging equivalence."
+    ),
+}
+JUDGE_USER = "Return answer and reasoning in the specified format.\nDATA:\n{payload}"
+
+
+def judge_messages(kind: str, target: str, responses: list[str]) -> list[dict]:
+    """The judge's conversation: the authors' system instructions and ``DATA:`` payload."""
+    payload = json.dumps({"target": (target or "").strip(), "resps": [(r or "").strip() for r in responses]},
+                         ensure_ascii=False)
+    return [{"role": "system", "content": JUDGE_SYSTEM["mathqa" if kind == "mathqa" else "gsm8k"]},
+            {"role": "user", "content": JUDGE_USER.format(payload=payload)}]
+
+
+def parse_judge_reply(reply: str) -> bool:
+    """The authors' reading: the (last) ``ANSWER:`` line says exactly ``true``; anything else,
+    including no such line, is false.  A thinking judge's trace is skipped."""
+    verdict = False
+    for line in _task_utils().after_think(reply or "").splitlines():
+        s = line.strip()
+        if s.lower().startswith("answer:"):
+            verdict = s.split(":", 1)[1].strip().lower() == "true"
+    return verdict
+
+
+def judge_target(kind: str | None, doc: dict, target) -> str:
+    """What the judge is told the right answer is: GSM8K's number after ``####`` (lm-eval's
+    ``gsm8k_cot`` target), MathQA's ``Options: …\\n Correct: x`` (the authors' ``mathqa_decoding``
+    target); for other tasks lm-eval's own target."""
+    if kind == "gsm8k" and "####" in str(doc.get("answer", "")):
+        return str(doc["answer"]).split("####")[-1].strip()
+    if kind == "mathqa" and "options" in doc and "correct" in doc:
+        return f"Options: {doc['options']}\n Correct: {doc['correct']}"
+    if isinstance(target, list):
+        target = target[0] if len(target) == 1 else ", ".join(str(t) for t in target)
+    return str(target)
+
+
+# --------------------------------------------------------------------------------------------------
+# The evaluator
+# --------------------------------------------------------------------------------------------------
 
 class LmEvalHarness(Evaluator):
-    """Accuracy via the lm-eval harness (GSM8K 8-shot CoT, generative MathQA, any lm-eval task) on the in-memory model."""
+    """Accuracy via the lm-eval harness (the paper's GSM8K / MathQA, RESP's variants, any lm-eval task) on the in-memory model."""
 
     class Params(Params):
         tasks: list[str] = Field(default_factory=lambda: ["resp_gsm8k_cot"])
@@ -418,20 +239,25 @@ class LmEvalHarness(Evaluator):
         seeds: list[int] = Field(default_factory=lambda: [0])  # one full evaluation per seed, averaged
         fewshot_seed: int = 1234  # lm-eval's few-shot sampler seed
         sampling: LmEvalSampling = Field(default_factory=LmEvalSampling)
+        stop_strings: Literal["after_think", "whole_output"] | None = None  # None: per task (metadata)
         apply_chat_template: bool = True
         fewshot_as_multiturn: bool = True
         system_instruction: str | None = None
-        bootstrap_iters: int = 1000  # for stderrs of non-mean metrics (means use a closed form)
-        batch_size: int = 8  # loglikelihood batches
-        include_path: list[str] = Field(default_factory=list)  # extra lm-eval task folders
+        main_metric: str | dict[str, str] | None = None  # one per task: e.g. exact_match/strict-match
+        bootstrap_iters: int = Field(1000, ge=0)  # for stderrs of non-mean metrics
+        batch_size: int = Field(8, ge=1)  # loglikelihood batches
+        max_length: int | None = Field(None, ge=2)  # loglikelihood context (default: the model's)
+        include_path: list[str] = Field(default_factory=list)  # extra lm-eval task folders (code!)
         records: bool = True  # per-item records (prompt, completion, extraction)
+        llm_judge: LLMJudge | None = None
         llm_extractor: LLMExtractor | None = None
 
     def __init__(self, params: "LmEvalHarness.Params | None" = None):
         self.params = params or self.Params()
-        self._extractor = None
+        self._side: dict[str, Any] = {}
         self.last_lm = None  # the RespLM of the last seed evaluated (tests, debugging)
         self.last_results = None  # lm-eval's raw results of the last seed
+        self.main_keys: dict[str, str] = {}  # task -> main metric of the last evaluation
 
     def check_recipe(self, recipe, path: str) -> None:
         p = self.params
@@ -443,6 +269,11 @@ class LmEvalHarness(Evaluator):
             if name not in RESP_TASKS:
                 raise RespError(f"{path}.params.data_dir: {name!r} is not a RESP lm-eval task "
                                 f"({', '.join(RESP_TASKS)})")
+        if isinstance(p.main_metric, dict):
+            for name in p.main_metric:
+                if name not in p.tasks:
+                    raise RespError(f"{path}.params.main_metric: {name!r} is not one of the tasks "
+                                    f"({', '.join(p.tasks)})")
 
     # -- tasks -------------------------------------------------------------------------------
     def _task_manager(self):
@@ -455,17 +286,6 @@ class LmEvalHarness(Evaluator):
         if any(t not in tm.all_tasks for t in p.tasks):
             tm = TaskManager(include_path=paths, include_defaults=True)
         return tm
-
-    @staticmethod
-    def _load_yaml(path: Path) -> dict:
-        try:
-            from lm_eval.tasks._yaml_loader import load_yaml  # newer lm-eval (0.4.13)
-
-            return load_yaml(path, resolve_func=True)
-        except ImportError:
-            from lm_eval.utils import load_yaml_config  # older lm-eval (0.4.10)
-
-            return load_yaml_config(yaml_path=str(path), mode="full")
 
     def _local_files(self, task: str, folder: str) -> dict[str, str]:
         kind = RESP_TASKS[task]
@@ -484,7 +304,9 @@ class LmEvalHarness(Evaluator):
         return files
 
     def _task_specs(self) -> list:
-        """Task names, or full config dicts for RESP tasks given a data_dir / num_fewshot."""
+        """Task names, or full config dicts for RESP tasks given a data_dir."""
+        from lm_eval.tasks._yaml_loader import load_yaml
+
         p = self.params
         specs = []
         for name in p.tasks:
@@ -493,31 +315,18 @@ class LmEvalHarness(Evaluator):
                     raise RespError(f"lm_eval: data_dir is only for RESP tasks ({', '.join(RESP_TASKS)})")
                 specs.append(name)
                 continue
-            cfg = self._load_yaml(TASKS_DIR / f"{name}.yaml")
-            if name in p.data_dir:
-                cfg["dataset_path"] = "json"
-                cfg["dataset_name"] = None
-                cfg["dataset_kwargs"] = {"data_files": self._local_files(name, p.data_dir[name])}
+            if name not in p.data_dir:
+                specs.append(name)
+                continue
+            cfg = load_yaml(TASKS_DIR / f"{name}.yaml", resolve_func=True)
+            cfg["dataset_path"] = "json"
+            cfg["dataset_name"] = None
+            cfg["dataset_kwargs"] = {"data_files": self._local_files(name, p.data_dir[name])}
             specs.append(cfg)
         return specs
 
     def _load_tasks(self, tm) -> dict:
-        specs = self._task_specs()
-        if hasattr(tm, "load"):  # newer lm-eval (0.4.13)
-            return dict(tm.load(specs)["tasks"])
-        from lm_eval.tasks import get_task_dict  # older (0.4.10): a nested dict; flatten it
-
-        flat: dict = {}
-
-        def walk(d):
-            for k, v in d.items():
-                if isinstance(v, dict):
-                    walk(v)
-                elif v is not None and not isinstance(v, tuple):
-                    flat[getattr(v, "task_name", None) or getattr(v.config, "task", str(k))] = v
-
-        walk(get_task_dict(specs, tm))
-        return flat
+        return dict(tm.load(self._task_specs())["tasks"])
 
     def _configure(self, tasks: dict) -> None:
         """Write the run's sampling into every generative task (do_sample always explicit) and
@@ -538,12 +347,52 @@ class LmEvalHarness(Evaluator):
             if shots is not None:
                 task.set_config(key="num_fewshot", value=int(shots))
 
-    # -- running -----------------------------------------------------------------------------
-    def _run_seed(self, ctx: RunContext, seed: int):
-        import lm_eval
+    @staticmethod
+    def _meta(task) -> dict:
+        meta = task.get_config("metadata") if task is not None else None
+        return meta if isinstance(meta, dict) else {}
 
+    def _stop_modes(self, tasks: dict) -> dict[str, str]:
         p = self.params
-        s = p.sampling
+        out = {}
+        for name, task in tasks.items():
+            mode = p.stop_strings or self._meta(task).get("resp_stop_strings") or "after_think"
+            if mode not in STOP_MODES:
+                raise RespError(f"lm_eval: task {name}: metadata.resp_stop_strings {mode!r} is not one of "
+                                f"{', '.join(STOP_MODES)}")
+            out[name] = mode
+        return out
+
+    def _main_metrics(self, tasks: dict) -> dict[str, str]:
+        """The main metric of each task (checked against the metrics the task reports)."""
+        p = self.params
+        out = {}
+        for name, task in tasks.items():
+            metrics = list(getattr(task, "_metric_fn_list", {}) or [])
+            filters = [getattr(f, "name", "none") for f in getattr(task, "_filters", [])] or ["none"]
+            available = [m if f == "none" else f"{m}/{f}" for f in filters for m in metrics]
+            generative = task.get_config("output_type") == "generate_until"
+            if p.llm_judge is not None and generative:
+                available.append("judge_accuracy")
+            if p.llm_extractor is not None and self._meta(task).get("resp_kind") in _WHAT:
+                available.append("llm_extracted_accuracy")
+            chosen = p.main_metric.get(name) if isinstance(p.main_metric, dict) else p.main_metric
+            if chosen is None:
+                if p.llm_judge is not None and generative:
+                    chosen = "judge_accuracy"
+                else:
+                    chosen = self._meta(task).get("resp_main_metric") or (available[0] if available else None)
+            if chosen is None:
+                continue
+            if available and chosen not in available:
+                raise RespError(f"evaluator.params.main_metric: task {name} reports no metric {chosen!r} "
+                                f"(it reports: {', '.join(available)})")
+            out[name] = chosen
+        return out
+
+    # -- running -----------------------------------------------------------------------------
+    def _load(self):
+        p = self.params
         tm = self._task_manager()
         try:
             tasks = self._load_tasks(tm)
@@ -555,13 +404,22 @@ class LmEvalHarness(Evaluator):
             raise RespError(f"lm_eval: could not load tasks {', '.join(p.tasks)}: "
                             f"{type(exc).__name__}: {msg}{hint}") from None
         self._configure(tasks)
+        return tm, tasks
+
+    def _run_seed(self, ctx: RunContext, seed: int, tm, tasks: dict):
+        import lm_eval
+
+        p = self.params
+        s = p.sampling
         default_budget = s.max_new_tokens if isinstance(s.max_new_tokens, int) else 256
+        modes = self._stop_modes(tasks)
         lm = make_lm(ctx.model, ctx.tokenizer, ctx.generator,
                      sampling=SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                                              max_new_tokens=default_budget, do_sample=s.do_sample,
                                              enable_thinking=s.enable_thinking, seed=seed),
-                     seed=seed, use_chat_template=p.apply_chat_template, progress=ctx.progress,
-                     batch_size=p.batch_size)
+                     enable_thinking=s.enable_thinking, stop_strings=p.stop_strings or "after_think",
+                     task_stop_strings=modes, seed=seed, progress=ctx.progress, batch_size=p.batch_size,
+                     max_length=p.max_length)
         results = lm_eval.simple_evaluate(
             model=lm, tasks=list(tasks.values()), task_manager=tm, limit=p.limit,
             bootstrap_iters=p.bootstrap_iters, log_samples=True,
@@ -570,26 +428,42 @@ class LmEvalHarness(Evaluator):
             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
             fewshot_random_seed=p.fewshot_seed,
         )
-        return lm, tasks, results
+        return lm, results
 
     def evaluate(self, ctx: RunContext) -> EvalResult:
         p = self.params
         if ctx.generator is None or ctx.tokenizer is None:
             raise RespError("lm_eval: the run context has no generator/tokenizer")
         self.check_recipe(None, "evaluator")
+        was_training = ctx.model.training
+        try:
+            with _preserved_rng():
+                return self._evaluate(ctx)
+        finally:
+            ctx.model.train(was_training)
+
+    def _evaluate(self, ctx: RunContext) -> EvalResult:
+        p = self.params
+        tm, tasks = self._load()
+        self.main_keys = self._main_metrics(tasks)
         per_seed: list[dict[str, float]] = []
         records: list[dict] = []
         for seed in p.seeds:
-            with _preserved_rng():
-                lm, tasks, results = self._run_seed(ctx, seed)
+            lm, results = self._run_seed(ctx, seed, tm, tasks)
             self.last_lm, self.last_results = lm, results
             metrics, recs = self._collect(lm, tasks, results, seed)
+            if p.llm_judge is not None:
+                metrics.update(self._llm_judge(ctx, recs))
             if p.llm_extractor is not None:
                 metrics.update(self._llm_extract(ctx, recs))
             per_seed.append(metrics)
+            for rec in recs:
+                doc = rec.pop("_doc", None) or {}
+                rec["doc"] = {k: v for k, v in doc.items() if isinstance(v, (str, int, float))}
             if p.records:
                 records += recs
-        return EvalResult(_combine(per_seed, p.seeds), records)
+        mains = {_key(t, m) for t, m in self.main_keys.items()}
+        return EvalResult(_combine(per_seed, p.seeds, mains), records)
 
     def _collect(self, lm, tasks: dict, results: dict, seed: int) -> tuple[dict[str, float], list[dict]]:
         utils = _task_utils()
@@ -599,7 +473,9 @@ class LmEvalHarness(Evaluator):
                 if key == "alias" or "," not in key:
                     continue
                 metric, filt = key.split(",", 1)
-                name = f"{task}/{metric}" if filt == "none" else f"{task}/{metric}/{filt}"
+                stderr = metric.endswith("_stderr")
+                name = _key(task, (metric[: -len("_stderr")] if stderr else metric)
+                            + ("" if filt == "none" else f"/{filt}")) + ("/stderr" if stderr else "")
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                     metrics[name] = float(value)
             n = (results.get("n-samples") or {}).get(task, {}).get("effective")
@@ -608,23 +484,29 @@ class LmEvalHarness(Evaluator):
         recs: list[dict] = []
         per_task_info: dict[str, list[dict]] = defaultdict(list)
         for task, samples in (results.get("samples") or {}).items():
-            tobj = tasks.get(task)
-            meta = (tobj.get_config("metadata") or {}) if tobj is not None else {}
-            kind = meta.get("resp_kind") if isinstance(meta, dict) else None
+            kind = self._meta(tasks.get(task)).get("resp_kind")
+            by_doc: dict[Any, list[dict]] = {}  # lm-eval logs one sample per doc and filter
             for sample in samples:
-                doc_id = sample.get("doc_id")
+                by_doc.setdefault(sample.get("doc_id"), []).append(sample)
+            for doc_id, group in by_doc.items():
+                sample = group[0]
                 infos = lm.completions.get((task, doc_id), [])
                 resps = sample.get("resps") or [[]]
                 completion = resps[0][0] if resps and resps[0] else ""
                 args = sample.get("arguments") or [[""]]
                 rec = {"task": task, "seed": seed, "doc_id": doc_id, "target": sample.get("target"),
-                       "prompt": args[0][0] if args and args[0] else "", "completion": completion,
-                       **{m: sample.get(m) for m in sample.get("metrics", [])}}
+                       "prompt": args[0][0] if args and args[0] else "", "completion": completion}
+                for s in group:
+                    filt = s.get("filter", "none")
+                    for m in s.get("metrics", []):
+                        rec[m if filt == "none" else f"{m}/{filt}"] = s.get(m)
+                    if filt != "none":
+                        rec[f"filtered/{filt}"] = s.get("filtered_resps")
                 if kind:
                     rec["kind"] = kind
                     rec["gold"] = utils.gold_of(kind, sample["doc"])
                     rec.update(utils.extract_records(kind, sample["doc"], completion))
-                    rec["_doc"] = sample["doc"]
+                rec["_doc"] = sample.get("doc") or {}
                 if infos:
                     info = infos[0]
                     rec.update(finished=info["finished"], tokens=info["tokens"], stopped=info["stopped"])
@@ -635,11 +517,31 @@ class LmEvalHarness(Evaluator):
         for task, infos in per_task_info.items():
             metrics[f"{task}/finished"] = sum(i["finished"] for i in infos) / len(infos)
             metrics[f"{task}/mean_tokens"] = sum(i["tokens"] for i in infos) / len(infos)
-        for rec in recs:
-            doc = rec.pop("_doc", None)
-            if doc is not None:
-                rec["doc"] = {k: v for k, v in doc.items() if isinstance(v, (str, int, float))}
         return metrics, recs
+
+    # -- the LLM judge ------------------------------------------------------------------------
+    def _llm_judge(self, ctx: RunContext, recs: list[dict]) -> dict[str, float]:
+        cfg = self.params.llm_judge
+        todo = [r for r in recs if "finished" in r]  # generative items
+        if not todo:
+            return {}
+        gen = self._side_generator(ctx, "judge", cfg)
+        convs = []
+        for r in todo:
+            kind = r.get("kind") if cfg.prompt == "auto" else cfg.prompt
+            response = r["completion"] if cfg.max_response_chars is None else r["completion"][-cfg.max_response_chars:]
+            target = judge_target(r.get("kind"), r["_doc"], r.get("target"))
+            r["judge_target"] = target
+            convs.append(judge_messages(kind or "gsm8k", target, [response]))
+        sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, do_sample=False, temperature=0.0,
+                                  enable_thinking=cfg.enable_thinking, seed=0)
+        comps = gen.generate(convs, sampling, ctx.progress, "LLM judge")
+        verdicts: dict[str, list[bool]] = defaultdict(list)
+        for r, c in zip(todo, comps):
+            r["judge_reply"] = c.text
+            r["judge_verdict"] = parse_judge_reply(c.text)
+            verdicts[r["task"]].append(r["judge_verdict"])
+        return {f"{task}/judge_accuracy": sum(v) / len(v) for task, v in verdicts.items()}
 
     # -- LLM answer extraction ----------------------------------------------------------------
     def _llm_extract(self, ctx: RunContext, recs: list[dict]) -> dict[str, float]:
@@ -648,11 +550,11 @@ class LmEvalHarness(Evaluator):
         todo = [r for r in recs if r.get("kind") in _WHAT]
         if not todo:
             return {}
-        gen = self._extractor_generator(ctx)
+        gen = self._side_generator(ctx, "extractor", cfg)
         convs = []
         for r in todo:
             tail = utils.after_think(r["completion"]).strip()[-cfg.max_response_chars:]
-            question = utils.question_of(r["kind"], r["doc"])
+            question = utils.question_of(r["kind"], r["_doc"])
             convs.append([{"role": "user", "content": EXTRACTOR_PROMPT.format(
                 what=_WHAT[r["kind"]], question=question, response=tail or "(empty)")}])
         sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, do_sample=False, temperature=0.0,
@@ -661,7 +563,7 @@ class LmEvalHarness(Evaluator):
         stats: dict[str, list[tuple[bool, bool]]] = defaultdict(list)
         for r, c in zip(todo, comps):
             got = utils.parse_extractor_reply(r["kind"], c.text)
-            regex = utils.regex_answer(r["kind"], r["doc"], r["completion"])
+            regex = utils.regex_answer(r["kind"], r["_doc"], r["completion"])
             r["llm_reply"] = c.text
             r["llm_extracted"] = got
             correct = utils.answers_match(r["kind"], got, r["gold"])
@@ -675,32 +577,35 @@ class LmEvalHarness(Evaluator):
             out[f"{task}/llm_regex_agreement"] = sum(a for _, a in xs) / len(xs)
         return out
 
-    def _extractor_generator(self, ctx: RunContext):
-        if self._extractor is None:
+    def _side_generator(self, ctx: RunContext, role: str, cfg: SideModel):
+        if role not in self._side:
             from resp_core.loading import load_model_and_tokenizer
             from resp_core.recipe import ModelSection
 
-            cfg = self.params.llm_extractor
             section = ModelSection(path=cfg.model_path, dtype=cfg.dtype, device=cfg.device or ctx.device)
             model, tokenizer = load_model_and_tokenizer(section)
-            gen = _create_generator(cfg.generator, cfg.generator_params)
+            gen = _create_generator(cfg.generator, cfg.generator_params, f"evaluator.params.llm_{role}.generator")
             gen.bind(model, tokenizer)
-            self._extractor = gen
-        return self._extractor
+            self._side[role] = gen
+        return self._side[role]
 
 
 # --------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------
 
-def _create_generator(name: str, params: dict):
+def _key(task: str, metric: str) -> str:
+    return f"{task}/{metric}"
+
+
+def _create_generator(name: str, params: dict, where: str):
     if name == "hf":  # the built-in backend, without building the whole registry
         from resp_plugins.generators.hf import HFGenerator
 
         return HFGenerator(HFGenerator.Params(**params))
     from resp_core.registry import get_registry
 
-    return get_registry().create("generator", name, params, "evaluator.params.llm_extractor.generator")
+    return get_registry().create("generator", name, params, where)
 
 
 @contextmanager
@@ -727,11 +632,8 @@ def _preserved_rng():
             torch.cuda.set_rng_state_all(cuda)
 
 
-_NOT_SCORES = ("_stderr", "/n", "/finished", "/mean_tokens", "/std")
-
-
-def _combine(per_seed: list[dict[str, float]], seeds: list[int]) -> dict[str, float]:
-    """The mean over seeds under each metric's name; for every score also ``<name>@seed<s>``
+def _combine(per_seed: list[dict[str, float]], seeds: list[int], mains: set[str]) -> dict[str, float]:
+    """The mean over seeds under each metric's name; for the main metrics also ``<name>@seed<s>``
     (the convention :mod:`resp_core.compare` aggregates into means and 95% CIs) and, with
     several seeds, ``<name>/std`` (sample standard deviation over seeds)."""
     out: dict[str, float] = {}
@@ -740,7 +642,7 @@ def _combine(per_seed: list[dict[str, float]], seeds: list[int]) -> dict[str, fl
         vals = [m[k] for m in per_seed if k in m]
         mean = sum(vals) / len(vals)
         out[k] = mean
-        if k.endswith(_NOT_SCORES):
+        if k not in mains:
             continue
         if len(vals) > 1:
             out[f"{k}/std"] = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))

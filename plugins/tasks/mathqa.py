@@ -176,7 +176,7 @@ class MathQA(Task):
 
     class Params(Params):
         data_dir: str | None = None  # folder with dev.json / test.json (and train.json); None = hub
-        hub_id: str = "allenai/math_qa"
+        hub_id: str = "regisss/math_qa"  # the mirror lm-eval uses (allenai/math_qa is script-based)
         instruction: str = DEFAULT_INSTRUCTION  # last line of each prompt
 
     def __init__(self, params: "MathQA.Params | None" = None):

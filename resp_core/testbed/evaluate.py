@@ -7,7 +7,7 @@ from pathlib import Path
 from ..interfaces import Progress
 
 
-def load_any(model: str):
+def load_any(model: str, dtype: str = "float32", device: str | None = None):
     """'testbed', a pruned RESP folder, or a plain transformers folder -> (model, tokenizer)."""
     from transformers import AutoTokenizer
 
@@ -18,9 +18,12 @@ def load_any(model: str):
     if model != "testbed" and is_pruned_dir(Path(model)):
         tok = AutoTokenizer.from_pretrained(model)
         tok.padding_side = "left"
-        return load_pruned(model), tok
+        import torch
+
+        m = load_pruned(model).to(dtype=getattr(torch, dtype))
+        return (m.to(device) if device else m), tok
     model_dir(model)
-    return load_model_and_tokenizer(ModelSection(path=model))
+    return load_model_and_tokenizer(ModelSection(path=model, dtype=dtype, **({"device": device} if device else {})))
 
 
 def evaluate_testbed(model: str, num: int, temperature: float, seed: int, progress: Progress | None = None,

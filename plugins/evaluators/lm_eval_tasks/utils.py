@@ -1,8 +1,12 @@
-"""Prompt building and scoring for RESP's lm-eval tasks (``resp_gsm8k_cot``, ``resp_mathqa_gen``).
+"""Prompt building and scoring for RESP's lm-eval tasks (``resp_gsm8k_cot``, ``resp_mathqa_gen``,
+``resp_gsm8k_cot_paper``, ``resp_mathqa_paper``).
 
 lm-eval loads this file by path (``!function utils.<name>`` in the YAML files beside it), so it
-imports everything absolutely.  Answer extraction is RESP's own (``resp_plugins.tasks.gsm8k`` /
-``resp_plugins.tasks.mathqa``); math-verify adds a third, independent GSM8K judgement and an
+imports everything absolutely.  :class:`LmEvalDerivedTask` builds a task from one of lm-eval's own
+task files plus the few keys the YAML beside this file overrides (the paper tasks reuse lm-eval's
+``gsm8k_cot`` and ``mathqa`` definitions that way rather than copying them).
+
+Answer extraction is RESP's own (``resp_plugins.tasks.gsm8k`` / ``resp_plugins.tasks.mathqa``); math-verify adds a third, independent GSM8K judgement and an
 equivalence check, and is optional: without it those checks fall back to RESP's extraction.
 
 Every extractor reads only the text after the last ``</think>`` (when there is one).
@@ -13,9 +17,55 @@ from __future__ import annotations
 import math
 import re
 import threading
+from pathlib import Path
+
+from lm_eval.api.task import ConfigurableTask
 
 from resp_plugins.tasks.gsm8k import extract_flexible, extract_strict, normalize_number
 from resp_plugins.tasks.mathqa import DEFAULT_INSTRUCTION, LETTERS, extract_letter, parse_options
+
+# --------------------------------------------------------------------------------------------------
+# Tasks derived from lm-eval's own task files
+# --------------------------------------------------------------------------------------------------
+
+def lm_eval_task_file(relative: str) -> Path:
+    """A task file shipped with the installed lm-eval (``relative`` to ``lm_eval/tasks``)."""
+    import lm_eval.tasks
+
+    return Path(lm_eval.tasks.__file__).resolve().parent / relative
+
+
+def derived_config(config: dict) -> dict:
+    """lm-eval's task file named by ``metadata.derive_from``, with ``config``'s keys on top
+    (``generation_kwargs`` and ``metadata`` merged key by key, ``class`` dropped)."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    cfg = dict(config)
+    cfg.pop("class", None)
+    meta = dict(cfg.get("metadata") or {})
+    relative = meta.get("derive_from")
+    if not relative:
+        raise ValueError(f"task {cfg.get('task')!r}: metadata.derive_from names no lm-eval task file")
+    path = lm_eval_task_file(str(relative))
+    if not path.is_file():
+        raise FileNotFoundError(f"task {cfg.get('task')!r} derives from lm-eval's {relative}, which this "
+                                f"lm-eval does not ship ({path})")
+    base = load_yaml(path, resolve_func=True)
+    for key in ("tag", "group", "task_list"):
+        base.pop(key, None)
+    merged = {**base, **cfg}
+    merged["generation_kwargs"] = {**(base.get("generation_kwargs") or {}), **(cfg.get("generation_kwargs") or {})}
+    base_meta = base.get("metadata") if isinstance(base.get("metadata"), dict) else {}
+    merged["metadata"] = {**base_meta, **meta, "derived_from": str(path)}
+    return merged
+
+
+class LmEvalDerivedTask(ConfigurableTask):
+    """A ConfigurableTask built from lm-eval's own task file plus overrides (``class:`` in YAML)."""
+
+    def __init__(self, config: dict | None = None):
+        super().__init__(config=derived_config(config or {}))
+
 
 # --------------------------------------------------------------------------------------------------
 # Shared helpers
