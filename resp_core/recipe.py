@@ -39,6 +39,7 @@ class ModelSection(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
     revision: str | None = None
+    gguf_file: str | None = Field(None, min_length=1)  # a GGUF file inside path (a folder or hub id)
 
 
 class StructuresSection(_Strict):
@@ -82,6 +83,15 @@ class OutputSection(_Strict):
     dir: str | None = None  # default: runs/<name>-<timestamp>
     save_model: bool = True
     save_milestone_models: bool = False  # also save the compacted model of every milestone (models/)
+    # what the end of the run writes: compacted -> model/, masked / uniform -> export/final-<format>/
+    formats: list[Literal["compacted", "masked", "uniform"]] = Field(default_factory=lambda: ["compacted"])
+
+    @field_validator("formats")
+    @classmethod
+    def _formats(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError("each format may be listed once")
+        return v
 
 
 class SharedSections(_Strict):

@@ -617,8 +617,10 @@ def write_safetensors_streaming(path: Path, tensors: dict[str, torch.Tensor], me
             fh.write(memoryview(t.view(torch.uint8).numpy()))
 
 
-def _write_folder(out_dir: Path, config_dict: dict, state: dict[str, torch.Tensor], tokenizer=None,
-                  generation_config=None, extra_json: dict[str, dict] | None = None) -> None:
+def write_model_folder(out_dir: Path, config_dict: dict, state: dict[str, torch.Tensor], tokenizer=None,
+                       generation_config=None, extra_json: dict[str, dict] | None = None) -> None:
+    """A Hugging Face model folder from a config dict and a state dict, written atomically (the
+    folder appears whole or not at all); tied tensors are stored once, as transformers does."""
     from ..rundir import atomic_dir
 
     with atomic_dir(Path(out_dir)) as tmp:
@@ -632,10 +634,13 @@ def _write_folder(out_dir: Path, config_dict: dict, state: dict[str, torch.Tenso
             tokenizer.save_pretrained(tmp)
 
 
-def _config_json(cfg) -> dict:
+def config_json(cfg, architecture: str | None = None) -> dict:
+    """``cfg`` as config.json content: no load-time fields (path, attention choice, GGUF quantizer)."""
     d = cfg.to_dict()
-    for k in ("_attn_implementation_autoset", "_name_or_path", "_attn_implementation"):
+    for k in ("_attn_implementation_autoset", "_name_or_path", "_attn_implementation", "quantization_config"):
         d.pop(k, None)
+    if architecture:
+        d["architectures"] = [architecture]
     return d
 
 
@@ -643,7 +648,7 @@ def save_state(out_dir: Path, base_config, record: dict, state: dict[str, torch.
                generation_config=None) -> None:
     """Write a compacted state dict (from :func:`compacted_state`) as a ``resp_pruned_*`` folder."""
     cfg = pruned_config(base_config, record)
-    _write_folder(out_dir, _config_json(cfg), state, tokenizer, generation_config, {PRUNING_FILE: record})
+    write_model_folder(out_dir, config_json(cfg), state, tokenizer, generation_config, {PRUNING_FILE: record})
 
 
 def save_pruned(model: nn.Module, record: dict, out_dir: Path, tokenizer=None) -> None:
