@@ -7,6 +7,7 @@ one line on stderr with exit code 2 and no traceback; nothing is written in that
 from __future__ import annotations
 
 import functools
+import json
 import sys
 import time
 from importlib import resources
@@ -18,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import RespError
+from .progress import make_console
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="RESP: structured pruning for reasoning language models.")
@@ -25,8 +27,8 @@ testbed_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, 
                           help="The shipped reasoning testbed: train or evaluate it.")
 app.add_typer(testbed_app, name="testbed")
 
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()
+err_console = make_console(stderr=True)
 
 DEFAULT_RECIPE = "testbed-resp.yaml"
 
@@ -42,21 +44,41 @@ def user_errors(fn):
     return wrapper
 
 
-def _recipe_text(recipe: Optional[Path]) -> tuple[str, str]:
+def _recipe_document(recipe: Optional[Path]):
+    """The recipe file parsed once (size, encoding, nesting and duplicate keys checked)."""
+    from .recipe import decode_recipe_bytes, load_yaml_document, read_recipe_file
+
     if recipe is None:
-        text = resources.files("resp_recipes").joinpath(DEFAULT_RECIPE).read_text()
-        return text, f"(built-in) {DEFAULT_RECIPE}"
-    if not recipe.is_file():
-        raise RespError(f"recipe {recipe} does not exist")
-    return recipe.read_text(), str(recipe)
+        source = f"(built-in) {DEFAULT_RECIPE}"
+        text = decode_recipe_bytes(resources.files("resp_recipes").joinpath(DEFAULT_RECIPE).read_bytes(), source)
+    else:
+        source = str(recipe)
+        text = read_recipe_file(recipe)
+    return load_yaml_document(text, source), source
 
 
-def _load(recipe: Optional[Path]):
+def print_json(obj) -> None:
+    """``obj`` as JSON on stdout (NaN and infinities as null), nothing else on that line."""
+    from .stats import json_safe
+
+    sys.stdout.write(json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
+    sys.stdout.flush()
+
+
+def _warn_plugin_failures() -> None:
+    from .registry import get_registry
+
+    for line in get_registry().failure_lines():
+        err_console.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
+
+
+def _load(recipe: Optional[Path], document=None):
     from .recipe import parse_recipe, resolve
 
-    text, source = _recipe_text(recipe)
-    parsed = parse_recipe(text, source)
-    return resolve(parsed), source
+    data, source = document or _recipe_document(recipe)
+    _warn_plugin_failures()
+    parsed = parse_recipe(data, source)
+    return resolve(parsed, source=source), source
 
 
 def _default_run_dir(name: str) -> Path:
@@ -139,9 +161,9 @@ def compare(recipe: Path = typer.Argument(..., help="Comparison recipe YAML (met
     from .progress import RichProgressReporter
     from .report import rich_table
 
-    if not recipe.is_file():
-        raise RespError(f"recipe {recipe} does not exist")
-    cmp = parse_compare(recipe.read_text(), str(recipe))
+    data, source = _recipe_document(recipe)
+    _warn_plugin_failures()
+    cmp = parse_compare(data, source)
     if seeds is not None:
         try:
             cmp = cmp.model_copy(update={"seeds": [int(x) for x in seeds.split(",") if x.strip()]})
@@ -188,23 +210,21 @@ def report(run_dir: Path = typer.Argument(..., help="A finished comparison folde
 @app.command()
 @user_errors
 def validate(recipe: Path = typer.Argument(..., help="Recipe YAML to check.")):
-    """Check a recipe or a comparison recipe (schema, plugin names, parameters, paths) without running it."""
-    import yaml
+    """Check a recipe or a comparison recipe (schema, plugin names, parameters, the model's config,
+    tokenizer and weight headers, device, structures) without loading any weights."""
+    from .recipe import is_comparison
 
-    text, source = _recipe_text(recipe)
-    try:
-        is_compare = isinstance(yaml.safe_load(text), dict) and "methods" in yaml.safe_load(text)
-    except yaml.YAMLError:
-        is_compare = False
-    if is_compare:
+    data, source = _recipe_document(recipe)
+    if is_comparison(data):
         from .compare import parse_compare, resolve_compare
 
-        cmp = parse_compare(text, source)
+        _warn_plugin_failures()
+        cmp = parse_compare(data, source)
         resolve_compare(cmp, source)
         console.print(f"[green]ok[/] {source}: comparison {cmp.name}; {len(cmp.methods)} methods at "
                       f"{[f'{s:.0%}' for s in cmp.sparsities]}, seeds {cmp.seeds}")
         return
-    resolved, source = _load(recipe)
+    resolved, source = _load(recipe, (data, source))
     steps = resolved.schedule.steps()
     console.print(f"[green]ok[/] {source}: {resolved.recipe.name}; scorer {resolved.recipe.scorer.name}, "
                   f"calibration {resolved.recipe.calibration.name}, {len(steps)} steps to "
@@ -213,14 +233,19 @@ def validate(recipe: Path = typer.Argument(..., help="Recipe YAML to check.")):
 
 @app.command()
 @user_errors
-def plugins(verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show each one's summary.")):
+def plugins(verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show each one's summary."),
+            as_json: bool = typer.Option(False, "--json", help="Print JSON (entries and problems) for scripts.")):
     """List every registered implementation and where it came from."""
     from .registry import get_registry
 
     reg = get_registry()
+    if as_json:
+        entries = [reg.entries[kind][name].to_json() for kind in reg.entries for name in reg.names(kind)]
+        print_json({"plugins": entries, "problems": reg.failure_lines()})
+        return
     table = Table(title="RESP plugins")
     for col in ("kind", "name", "origin", "plugin module"):
-        table.add_column(col, no_wrap=True)
+        table.add_column(col, no_wrap=True, overflow="ignore" if not console.is_terminal else "ellipsis")
     if verbose:
         table.add_column("summary")
     for kind in reg.entries:
@@ -229,8 +254,7 @@ def plugins(verbose: bool = typer.Option(False, "--verbose", "-v", help="Also sh
             row = [kind, name, e.origin, e.plugin] + ([e.summary] if verbose else [])
             table.add_row(*row)
     console.print(table)
-    for plugin, error in reg.failures:
-        err_console.print(f"[yellow]warning:[/] plugin {plugin} failed to load: {error}")
+    _warn_plugin_failures()
 
 
 SHIPPED_CYCLES = "1500@3e-3,1000@2e-3,1000@1.5e-3"
@@ -355,6 +379,57 @@ def bench(quick: bool = typer.Option(False, help="Smaller model and fewer repeat
     console.print(table)
     if json_out:
         json_out.write_text(json.dumps({"scoring_overhead": so, "compaction_speedup": sp}, indent=2))
+
+
+@app.command("export")
+@user_errors
+def export_model(run_dir: Path = typer.Argument(..., help="A run folder (finished or not: any saved mask works)."),
+                 fmt: str = typer.Option("compacted", "--format", "-f",
+                                         help="masked (dense shape, loads anywhere) | compacted (per-layer widths, "
+                                              "RESP's loader) | uniform (smaller standard config, when every layer "
+                                              "kept the same widths)."),
+                 milestone: Optional[float] = typer.Option(None, "--milestone", help="Export this milestone's mask "
+                                                           "(masks/milestone_S.safetensors)."),
+                 mask: Optional[Path] = typer.Option(None, "--mask", help="Export this mask file (e.g. "
+                                                     "masks/step_03.safetensors; relative to the run folder)."),
+                 out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (must not exist; "
+                                                    "default RUN/export/<mask>-<format>).")):
+    """Write a run's pruned model (the final mask, a milestone or any step) in an export format."""
+    from .export import export_run
+
+    with console.status(f"Exporting {run_dir} as {fmt}"):
+        res = export_run(run_dir, fmt, milestone=milestone, mask_file=mask, out=out)
+    for line in res["warnings"]:
+        err_console.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
+    console.print(f"{res['format']} model of {res['mask']} (weights: {res['weights_from']}) written to "
+                  f"{res['out']} ({res['bytes'] / 1e6:.1f} MB)", highlight=False, soft_wrap=True)
+
+
+@app.command("convert")
+@user_errors
+def convert_model(source: str = typer.Argument(..., help="A GGUF file, a model folder or a hub id."),
+                  out: Path = typer.Argument(..., help="Output folder (must not exist)."),
+                  gguf_file: Optional[str] = typer.Option(None, "--gguf-file", help="The GGUF file inside SOURCE "
+                                                          "(a folder or hub id)."),
+                  dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16 (GGUF weights "
+                                            "are dequantized to this)."),
+                  revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision.")):
+    """Write a model as a normal safetensors Hugging Face folder (e.g. a GGUF file, dequantized)."""
+    from pydantic import ValidationError
+
+    from .loading import convert
+    from .recipe import ModelSection
+
+    try:
+        section = ModelSection(path=source, gguf_file=gguf_file, dtype=dtype, revision=revision)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise RespError(f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-')}: {err['msg']}") from None
+    with console.status(f"Loading {source}"):
+        res = convert(section, out)
+    console.print(f"{res['model_type']} model, {res['parameters'] / 1e6:.1f}M parameters ({res['dtype']}), loaded "
+                  f"in {res['load_seconds']:.1f}s, written to {res['out']} ({res['bytes'] / 1e6:.1f} MB)",
+                  highlight=False, soft_wrap=True)
 
 
 def main():

@@ -9,10 +9,11 @@ anything is loaded or written, with one line naming the field.
 
 from __future__ import annotations
 
+import codecs
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -20,13 +21,22 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import RespError
 from .model.structures import StructureSpec
 from .registry import Registry, get_registry
+from .validation import Seed, first_error, refuse_bool_for_number
 
 TESTBED_MODEL = "testbed"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+DEVICE = re.compile(r"^(cpu|mps|(cuda|xpu)(:\d+)?)$")
+
+MAX_RECIPE_BYTES = 1 << 20  # 1 MiB: a recipe is a few kilobytes; a huge file is a mistake (or an attack)
+MAX_DEPTH = 32  # nesting levels of a recipe document
+MAX_NODES = 100_000  # YAML nodes, with aliases expanded
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    _no_bool_numbers = field_validator("*", mode="before")(classmethod(refuse_bool_for_number))
 
 
 class PluginRef(_Strict):
@@ -35,11 +45,26 @@ class PluginRef(_Strict):
 
 
 class ModelSection(_Strict):
-    path: str = TESTBED_MODEL  # "testbed", a local folder, or a hub id (org/name)
+    path: str = Field(TESTBED_MODEL, min_length=1)  # "testbed", a local folder, or a hub id (org/name)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "cpu"
-    revision: str | None = None
+    device: str = "cpu"  # cpu, cuda, cuda:N, mps, xpu[:N]; availability is checked by resolve()
+    revision: str | None = Field(None, min_length=1)
     gguf_file: str | None = Field(None, min_length=1)  # a GGUF file inside path (a folder or hub id)
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v):
+        if not v.strip():
+            raise ValueError("must name a model: 'testbed', a local folder or a hub id like 'Qwen/Qwen3-8B'")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v):
+        if not DEVICE.match(v):
+            hint = " (did you mean 'cuda'?)" if v.lower() in ("gpu", "cuda0", "nvidia") else ""
+            raise ValueError(f"unknown device {v!r}{hint}; use cpu, cuda, cuda:N, mps or xpu")
+        return v
 
 
 class StructuresSection(_Strict):
@@ -47,9 +72,9 @@ class StructuresSection(_Strict):
     mlp: Literal["channel", "none"] = "channel"
     layers: bool = False
     protect_first: float = 0.1
-    protect_last: int = 1
-    protected_layers: list[int] | None = None
-    min_keep: int = 1
+    protect_last: int = Field(1, ge=0)
+    protected_layers: list[Annotated[int, Field(ge=0)]] | None = None  # upper bound checked against the model
+    min_keep: int = Field(1, ge=0)
     # what "sparsity" means: "prunable_blocks" (RESP) or "all_blocks" (the authors'); see
     # resp_core/model/structures.py.  protect_first rounded "ceil" (RESP) or "floor" (the authors')
     sparsity_basis: Literal["prunable_blocks", "all_blocks"] = "prunable_blocks"
@@ -97,8 +122,16 @@ class OutputSection(_Strict):
 class SharedSections(_Strict):
     """What a run and a comparison of runs both name: one model, task, structures and data."""
 
-    name: str
-    seed: int = 0
+    name: str = Field(max_length=120)
+    seed: Seed = 0
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        if not RUN_NAME.match(v):
+            raise ValueError(f"{v!r} is not a usable run name: letters, digits and . _ + - only, "
+                             "starting with a letter or digit (it names the run folder)")
+        return v
     model: ModelSection = Field(default_factory=ModelSection)
     task: PluginRef = Field(default_factory=lambda: PluginRef(name="testbed_arith"))
     structures: StructuresSection = Field(default_factory=StructuresSection)
@@ -115,24 +148,156 @@ class Recipe(SharedSections):
 
 
 def _first_error(exc: ValidationError, prefix: str = "") -> str:
-    err = exc.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"])
-    msg = err["msg"]
-    if err["type"] == "extra_forbidden":
-        msg = "unknown field"
-    return f"{prefix}{loc}: {msg}" if loc else f"{prefix}{msg}"
+    return first_error(exc, prefix)
 
 
-def parse_recipe(text: str, source: str = "recipe") -> Recipe:
+# --------------------------------------------------------------------------------------------------
+# Reading a recipe file: bounded size, UTF-8, one YAML parse, duplicate keys refused
+# --------------------------------------------------------------------------------------------------
+
+_OTHER_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+               (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
+
+
+def decode_recipe_bytes(data: bytes, source: str) -> str:
+    """The recipe text: UTF-8 (an optional BOM is dropped); anything else is one clear error."""
+    if len(data) > MAX_RECIPE_BYTES:
+        raise RespError(f"{source}: the file is {len(data):,} bytes; a recipe may be at most "
+                        f"{MAX_RECIPE_BYTES:,} bytes")
+    for bom, name in _OTHER_BOMS:
+        if data.startswith(bom):
+            raise RespError(f"{source}: the file is {name} text; save the recipe as UTF-8")
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
     try:
-        data = yaml.safe_load(text)
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise RespError(f"{source}: not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); "
+                        "save the recipe as UTF-8") from None
+
+
+def read_recipe_file(path: str | Path) -> str:
+    """Read a recipe file (at most :data:`MAX_RECIPE_BYTES`) as UTF-8 text."""
+    p = Path(path)
+    if not p.exists():
+        raise RespError(f"recipe {path} does not exist")
+    if not p.is_file():
+        raise RespError(f"recipe {path} is not a file")
+    try:
+        with open(p, "rb") as fh:
+            data = fh.read(MAX_RECIPE_BYTES + 1)
+    except OSError as exc:
+        raise RespError(f"recipe {path}: cannot read it ({exc.strerror or exc})") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise RespError(f"{path}: the file is larger than {MAX_RECIPE_BYTES:,} bytes; a recipe is a few "
+                        "kilobytes of YAML")
+    return decode_recipe_bytes(data, str(path))
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+class _RecipeLoader(yaml.CSafeLoader if getattr(yaml, "__with_libyaml__", False) else yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice in one mapping (YAML's last-one-wins would
+    silently drop the first ``scorer:``)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(f"{key!r}: given twice in one mapping (lines "
+                                            f"{seen[key].start_mark.line + 1} and {key_node.start_mark.line + 1}); "
+                                            "give each field once")
+                    seen[key] = key_node
+                except TypeError:  # unhashable key: the base constructor reports it
+                    pass
+        return super().construct_mapping(node, deep=deep)
+
+
+def _textual_depth_bound(text: str) -> int:
+    """An upper bound of the document's nesting depth from brackets, indentation and block
+    indicators, cheap enough to run before the parser (libyaml is quadratic, and its composer
+    recursive, on very deep documents)."""
+    depth = best = 0
+    for line in text.splitlines():
+        stripped = line.lstrip(" ")
+        indent = len(line) - len(stripped)
+        depth = max(0, depth + stripped.count("[") + stripped.count("{") - stripped.count("]") - stripped.count("}"))
+        indicators = stripped.count("- ") + stripped.count("? ") + stripped.count(": ")
+        best = max(best, depth + indent + indicators)
+    return best
+
+
+def _check_shape(node, source: str) -> None:
+    """Refuse documents nested deeper than :data:`MAX_DEPTH` or larger than :data:`MAX_NODES`
+    nodes with aliases expanded (a "billion laughs" recipe)."""
+    sizes: dict[int, int] = {}
+    stack = [(node, 1, False)]
+    while stack:
+        n, depth, done = stack.pop()
+        if depth > MAX_DEPTH:
+            mark = n.start_mark
+            raise RespError(f"{source}: nested more than {MAX_DEPTH} levels deep (line {mark.line + 1})")
+        children = []
+        if isinstance(n, yaml.SequenceNode):
+            children = n.value
+        elif isinstance(n, yaml.MappingNode):
+            children = [x for kv in n.value for x in kv]
+        if done:
+            sizes[id(n)] = 1 + sum(sizes[id(c)] for c in children)
+            if sizes[id(n)] > MAX_NODES:
+                raise RespError(f"{source}: the document has more than {MAX_NODES:,} elements (aliases "
+                                "expanded); a recipe is a few kilobytes of YAML")
+            continue
+        if id(n) in sizes:
+            continue
+        stack.append((n, depth, True))
+        stack.extend((c, depth + 1, False) for c in children if id(c) not in sizes)
+
+
+def load_yaml_document(text: str, source: str) -> Any:
+    """Parse ``text`` once, safely: bounded depth and size, no duplicate keys."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_RECIPE_BYTES:
+        raise RespError(f"{source}: larger than {MAX_RECIPE_BYTES:,} bytes; a recipe is a few kilobytes of YAML")
+    if _textual_depth_bound(text) > 8 * MAX_DEPTH + 256:
+        raise RespError(f"{source}: nested more than {MAX_DEPTH} levels deep")
+    loader = _RecipeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_shape(node, source)
+        return loader.construct_document(node)
+    except _DuplicateKey as exc:
+        raise RespError(f"{source}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise RespError(f"{source}: not valid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise RespError(f"{source}: nested more than {MAX_DEPTH} levels deep") from None
+    finally:
+        loader.dispose()
+
+
+def is_comparison(data: Any) -> bool:
+    return isinstance(data, dict) and "methods" in data
+
+
+def parse_recipe(text: str | dict, source: str = "recipe") -> Recipe:
+    """A run recipe from YAML text (or an already parsed mapping)."""
+    data = load_yaml_document(text, source) if isinstance(text, str) else text
     if not isinstance(data, dict):
-        raise RespError(f"{source}: a recipe must be a YAML mapping, got {type(data).__name__}")
+        got = "nothing" if data is None else type(data).__name__
+        raise RespError(f"{source}: a recipe must be a YAML mapping, got {got}")
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
@@ -140,10 +305,7 @@ def parse_recipe(text: str, source: str = "recipe") -> Recipe:
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    p = Path(path)
-    if not p.is_file():
-        raise RespError(f"recipe {path} does not exist")
-    return parse_recipe(p.read_text(), source=str(path))
+    return parse_recipe(read_recipe_file(path), source=str(path))
 
 
 @dataclass
@@ -162,16 +324,48 @@ class ResolvedRecipe:
 
 
 def check_model_path(path: str) -> None:
-    if path == TESTBED_MODEL or Path(path).expanduser().exists():
+    """The model ``path`` exists and holds a supported model (see :mod:`resp_core.preflight`)."""
+    from .preflight import check_model
+
+    check_model(ModelSection(path=path))
+
+
+def check_against_model(resolved: "ResolvedRecipe", info) -> None:
+    """Structure fields and the schedule against the model's config: layer indices in range,
+    something left to prune, the target reachable, no more steps than prunable units."""
+    from .model.structures import check_plan, structures_from_config
+    from .preflight import transformers_config
+
+    config = transformers_config(info)
+    if config is None:
         return
-    if HUB_ID.match(path) and not path.startswith((".", "/", "~")):
-        return  # a hub id; loading it needs a network or a local hub cache
-    raise RespError(f"model.path: {path} does not exist (not a local folder, nor a hub id like 'Qwen/Qwen3-8B')")
+    recipe = resolved.recipe
+    structures = structures_from_config(config, recipe.structures.spec())
+    units = int(sum(int(structures.candidate(k).sum()) for k in structures.kinds))
+    n_steps = getattr(getattr(resolved.schedule, "params", None), "steps", None)
+    if isinstance(n_steps, int) and units and n_steps > units:
+        raise RespError(f"schedule.params.steps: {n_steps:,} steps for {units:,} prunable units; every step must "
+                        "be able to remove a unit")
+    budget = getattr(getattr(resolved.allocator, "params", None), "budget", "parameters")
+    check_plan(structures, resolved.schedule.steps(), budget)
 
 
-def resolve(recipe: Recipe, registry: Registry | None = None) -> ResolvedRecipe:
+def resolve(recipe: Recipe, registry: Registry | None = None, source: str | None = None) -> ResolvedRecipe:
+    """Build every plugin and check the model, device, structures and schedule without loading
+    weights.  ``source`` (the recipe file) prefixes every error message."""
+    try:
+        return _resolve(recipe, registry)
+    except RespError as exc:
+        if source and not str(exc).startswith(source):
+            raise type(exc)(f"{source}: {exc}") from None
+        raise
+
+
+def _resolve(recipe: Recipe, registry: Registry | None = None) -> ResolvedRecipe:
+    from .preflight import check_model
+
     reg = registry or get_registry()
-    check_model_path(recipe.model.path)
+    info = check_model(recipe.model)
     build = lambda kind, ref, path: reg.create(kind, ref.name, ref.params, path)  # noqa: E731
     task = build("task", recipe.task, "task")
     generator = build("generator", recipe.generator, "generator")
@@ -191,7 +385,9 @@ def resolve(recipe: Recipe, registry: Registry | None = None) -> ResolvedRecipe:
         check = getattr(ev, "check_recipe", None)
         if check is not None:
             check(recipe, f"evaluation.evaluators[{i}]")
-    return ResolvedRecipe(recipe, task, generator, calibration, scorer, allocator, schedule, evaluators, reg)
+    resolved = ResolvedRecipe(recipe, task, generator, calibration, scorer, allocator, schedule, evaluators, reg)
+    check_against_model(resolved, info)
+    return resolved
 
 
 def dump_recipe(recipe: Recipe) -> str:
