@@ -19,17 +19,21 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from .model.adapter import DecoderAdapter
 from .model.masks import MaskSet
 from .model.structures import Structures
+from .validation import refuse_bool_for_number
 
 
 class Params(BaseModel):
-    """Base for plugin parameter models: unknown keys are errors."""
+    """Base for plugin parameter models: unknown keys are errors, and ``true``/``false`` given
+    for a number is refused (pydantic alone would read ``target: true`` as ``1.0``)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    _no_bool_numbers = field_validator("*", mode="before")(classmethod(refuse_bool_for_number))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -82,10 +86,18 @@ class Task(ABC):
     """A reasoning task: prompts with gold answers, and how to check a completion."""
 
     name: str = "task"
+    # The split names ``items`` accepts; a recipe's ``split:`` is checked against them before
+    # the run (empty: not declared, not checked).
+    splits: tuple[str, ...] = ()
 
     @abstractmethod
     def items(self, split: str, count: int | None, seed: int) -> list[TaskItem]:
         """``count`` items of ``split`` (all when None), chosen reproducibly by ``seed``."""
+
+    def split_size(self, split: str) -> int | None:
+        """How many items ``split`` holds, when that is known without downloading (None: unknown
+        or unbounded); a recipe asking for more is refused before the run."""
+        return None
 
     @abstractmethod
     def extract_answer(self, completion: str) -> str | None:

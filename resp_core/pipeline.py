@@ -52,13 +52,12 @@ from .fingerprint import model_fingerprint
 from .interfaces import CalibrationSample, CalibrationSet, Progress, RunContext, Scorer
 from .loading import load_model_and_tokenizer
 from .model.adapter import DecoderAdapter, adapter_for
-from .model.compaction import compacted_copy, save_pruned
-from .model.masks import MaskSet, apply_mask, kept_parameter_count, sparsity_of
-from .model.structures import build_structures
+from .model.compaction import compacted_copy, save_compacted, save_pruned
+from .model.masks import MaskSet, apply_mask, kept_parameter_count, sparsity_of, sparsity_report
+from .model.structures import build_structures, check_plan
 from .recipe import ResolvedRecipe, dump_recipe
 from .rundir import (CHECKPOINT_DIR, RunDir, RunRecord, atomic_file, atomic_write_text, kill_point, rng_state,
-                     seed_everything, set_rng_state, sha256_file, source_commit, write_failed, write_json,
-                     write_jsonl)
+                     seed_everything, set_rng_state, sha256_file, source_commit, write_json, write_jsonl)
 
 
 @dataclass
@@ -202,7 +201,8 @@ def _guarded(run_dir: RunDir, record: RunRecord, created: bool, body: Callable[[
         raise
     except OSError as exc:
         restore_signals()
-        failed = write_failed(Path(exc.filename) if exc.filename else run_dir.path, exc)
+        where = f"{exc.filename}: " if exc.filename else ""
+        failed = RunFailed(f"{where}{exc.strerror or exc}")
         note = record.end("failed", error=str(failed))
         raise RunFailed(f"{failed} (run folder {run_dir.path} kept, status failed; {resume_hint})"
                         + (f"; {note}" if note else "")) from None
@@ -220,6 +220,9 @@ def _run(resolved: ResolvedRecipe, run_dir: RunDir, record: RunRecord, model, to
     recipe = resolved.recipe
     ctx = build_context(resolved, model, tokenizer, progress)
     checkpoint = latest_checkpoint(run_dir) if resume else None
+    steps = resolved.schedule.steps()
+    # a target (or measured milestone) the structures cannot reach: one line, before anything runs
+    check_plan(ctx.structures, steps, getattr(getattr(resolved.allocator, "params", None), "budget", "parameters"))
     if checkpoint is None:
         seed_everything(recipe.seed)
         atomic_write_text(run_dir.file("recipe.yaml"), dump_recipe(recipe))
@@ -246,12 +249,11 @@ def _run(resolved: ResolvedRecipe, run_dir: RunDir, record: RunRecord, model, to
         if on_row:
             on_row(row)
 
-    steps = resolved.schedule.steps()
     if checkpoint is None:
         if recipe.evaluation.evaluate_dense and resolved.evaluators:
             metrics = evaluate_point(resolved, ctx, run_dir, "dense")
-            record_row({"step": 0, "sparsity": 0.0, "target": 0.0, "parameters": dense_params, "milestone": True,
-                        **metrics})
+            record_row({"step": 0, **sparsity_report(ctx.mask, ctx.structures), "target": 0.0,
+                        "parameters": dense_params, "milestone": True, **metrics})
 
         samples = resolved.calibration.build(ctx)
         kill_point("generate")
@@ -272,6 +274,7 @@ def _run(resolved: ResolvedRecipe, run_dir: RunDir, record: RunRecord, model, to
         first = checkpoint["step"] + 1
         set_rng_state(checkpoint["rng"])
     costs = ctx.structures.costs
+    previous = sparsity_of(mask, ctx.structures)  # measured before the next step (milestones crossed)
     for k, step in enumerate(steps, start=1):
         if k < first:
             continue
@@ -290,21 +293,28 @@ def _run(resolved: ResolvedRecipe, run_dir: RunDir, record: RunRecord, model, to
         mask.save(run_dir.file("masks", f"step_{k:02d}.safetensors"),
                   {"target": step.sparsity, "sparsity": reached, "step": k})
         progress.log(f"step {k}/{len(steps)}: target {step.sparsity:.3f}, reached {reached:.3f}")
-        if step.milestone:
-            mask.save(run_dir.file("masks", f"milestone_{step.sparsity:.2f}.safetensors"),
-                      {"target": step.sparsity, "sparsity": reached, "step": k})
+        # milestones of this step: the planned one, and those crossed on the measured sparsity
+        # (Step.milestones_crossed); each is saved and recorded, the model evaluated once
+        points = step.milestones_crossed(previous, reached)
+        previous = reached
+        if step.milestone and f"{step.sparsity:.2f}" not in {f"{m:.2f}" for m, _ in points}:
+            points.append((step.sparsity, step.regenerate_fraction))
+        metrics = None
+        for target, _ in points:
+            mask.save(run_dir.file("masks", f"milestone_{target:.2f}.safetensors"),
+                      {"target": target, "sparsity": reached, "step": k})
             if recipe.output.save_milestone_models:
-                milestone_model, milestone_record = compacted_copy(model, mask)
-                save_pruned(milestone_model, milestone_record,
-                            run_dir.file("models", f"milestone_{step.sparsity:.2f}"), tokenizer)
-                del milestone_model
-            metrics = (evaluate_point(resolved, ctx, run_dir, f"milestone_{step.sparsity:.2f}")
-                       if resolved.evaluators else {})
-            record_row({"step": k, "sparsity": round(reached, 4), "target": step.sparsity,
-                        "parameters": kept_parameter_count(ctx.adapter, mask, costs), "milestone": True,
-                        **trace_stats, **metrics})
-            if step.regenerate_fraction > 0 and resolved.calibration.regenerable:
-                samples = resolved.calibration.regenerate(ctx, samples, step.regenerate_fraction)
+                # compacted on the host straight to disk: no second model, nothing on the device
+                save_compacted(model, mask, run_dir.file("models", f"milestone_{target:.2f}"), tokenizer)
+            if metrics is None:
+                metrics = (evaluate_point(resolved, ctx, run_dir, f"milestone_{target:.2f}")
+                           if resolved.evaluators else {})
+            record_row({"step": k, **{key: round(v, 4) for key, v in sparsity_report(mask, ctx.structures).items()},
+                        "target": target, "parameters": kept_parameter_count(ctx.adapter, mask, costs),
+                        "milestone": True, **trace_stats, **metrics})
+        for target, rho in points:
+            if rho > 0 and k < len(steps) and resolved.calibration.regenerable:
+                samples = resolved.calibration.regenerate(ctx, samples, rho)
                 kill_point("generate")
                 generation += 1
                 write_jsonl(run_dir.file("calibration", f"generation_{generation:02d}.jsonl"),
@@ -315,12 +325,22 @@ def _run(resolved: ResolvedRecipe, run_dir: RunDir, record: RunRecord, model, to
     result.final_mask = mask
 
     info = record.info
-    if recipe.output.save_model:
-        compact_model, record_json = compacted_copy(model, mask)
+    missed = sorted(m for m in (steps[-1].measured_milestones if steps else {}) if m > previous)
+    if missed:  # milestones judged on the measured sparsity that the last step did not reach
+        info["milestones_not_reached"] = missed
+        progress.log(f"warning: milestones {missed} were not reached (the last step measured {previous:.4f}); "
+                     f"raise schedule.params.target")
+    if recipe.output.save_model and "compacted" in recipe.output.formats:
+        compact_model, record_json = compacted_copy(model, mask)  # shares every uncut tensor with model
         result.compaction_max_abs_diff = compaction_check(model, compact_model, samples, tokenizer.pad_token_id)
         save_pruned(compact_model, record_json, run_dir.file("model"), tokenizer)
         info["compacted_parameters"] = sum(p.numel() for p in {id(p): p for p in compact_model.parameters()}.values())
         info["compaction_max_abs_logit_diff"] = result.compaction_max_abs_diff
+        del compact_model
+    if recipe.output.save_model and set(recipe.output.formats) - {"compacted"}:
+        from .export import export_at_end
+
+        info["exports"] = export_at_end(recipe.output.formats, model, mask, run_dir.path, tokenizer, progress.log)
     record.stop()
     record.write(status="finished", final_sparsity=sparsity_of(mask, ctx.structures))
     shutil.rmtree(run_dir.file(CHECKPOINT_DIR), ignore_errors=True)
