@@ -386,8 +386,44 @@ def _resolve(recipe: Recipe, registry: Registry | None = None) -> ResolvedRecipe
         if check is not None:
             check(recipe, f"evaluation.evaluators[{i}]")
     resolved = ResolvedRecipe(recipe, task, generator, calibration, scorer, allocator, schedule, evaluators, reg)
+    check_task_splits(resolved)
     check_against_model(resolved, info)
     return resolved
+
+
+COUNT_FIELDS = ("num_samples", "num_items")
+
+
+def check_task_splits(resolved: "ResolvedRecipe") -> None:
+    """Every component whose params name a ``split`` (calibration sources and evaluators that
+    draw task items: ``split``, optional ``task``/``task_params``, ``num_samples``/``num_items``)
+    asks for a split its task has, and no more items than the split holds when that is known."""
+    recipe, reg = resolved.recipe, resolved.registry
+    parts = [("calibration", resolved.calibration)] + [
+        (f"evaluation.evaluators[{i}]", ev) for i, (_, ev) in enumerate(resolved.evaluators)]
+    for path, obj in parts:
+        p = getattr(obj, "params", None)
+        split = getattr(p, "split", None)
+        if not isinstance(split, str):
+            continue
+        name = getattr(p, "task", None) or recipe.task.name
+        task_params = getattr(p, "task_params", None)
+        if name == recipe.task.name and not task_params:
+            task = resolved.task
+        else:
+            task = reg.create("task", name, task_params or (recipe.task.params if name == recipe.task.name else {}),
+                              f"{path}.params.task")
+        splits = tuple(getattr(task, "splits", ()) or ())
+        if splits and split not in splits:
+            raise RespError(f"{path}.params.split: task {name!r} has no split {split!r}; it has "
+                            f"{', '.join(repr(s) for s in splits)}")
+        size_of = getattr(task, "split_size", None)
+        size = size_of(split) if size_of is not None else None
+        for field in COUNT_FIELDS:
+            count = getattr(p, field, None)
+            if isinstance(count, int) and size is not None and count > size:
+                raise RespError(f"{path}.params.{field}: {count:,} is more than the {size:,} items of task "
+                                f"{name!r}'s {split!r} split")
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -652,3 +652,93 @@ def test_check_plan_reads_the_schedule(adapter):
     with pytest.raises(RespError, match="beyond the target 0.3"):  # parameters: the run stops at 0.3
         check_plan(s, _steps(target=0.3, step_size=0.1, milestones_on="reached", milestones=[0.2, 0.35]))
     check_plan(s, _steps(target=0.3, step_size=0.1, milestones_on="reached", milestones=[0.2, 0.35]), budget="count")
+
+
+# --------------------------------------------------------------------------------------------------
+# In a run: both sparsity figures in every row; milestones crossed on the measured sparsity
+# --------------------------------------------------------------------------------------------------
+
+def _tiny_recipe(model_dir, schedule: dict, structures: dict | None = None, allocator: dict | None = None) -> dict:
+    import yaml
+    from pathlib import Path
+
+    recipe = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "testbed-resp.yaml").read_text())
+    recipe["model"]["path"] = str(model_dir)
+    recipe["generator"]["params"] = {"batch_size": 8}
+    recipe["calibration"]["params"].update(num_samples=4, sampling={"temperature": 0.6, "max_new_tokens": 8})
+    recipe["evaluation"]["evaluators"][0]["params"] = {"num_items": 2, "sampling": {"max_new_tokens": 8}}
+    recipe["schedule"]["params"] = schedule
+    recipe["structures"] = structures or {"attention": "q_head", "mlp": "channel", "protect_first": 0.1,
+                                          "protect_last": 1}
+    recipe["allocator"] = allocator or {"name": "global"}
+    recipe["output"] = {"save_model": False}
+    return recipe
+
+
+def _run(recipe: dict, out):
+    import yaml
+
+    from resp_core.pipeline import run_recipe
+    from resp_core.recipe import parse_recipe, resolve
+
+    return run_recipe(resolve(parse_recipe(yaml.safe_dump(recipe), "tiny.yaml")), out)
+
+
+def test_run_crosses_milestones_on_measured_sparsity(tmp_path, tiny_model_dir):
+    """The authors' schedule in a run: count-ratio steps (linspace 0 .. 0.3), milestones 0.1 and
+    0.2 judged on the measured sparsity of the authors' basis, traces regenerated at each."""
+    import json
+
+    from safetensors import safe_open
+
+    recipe = _tiny_recipe(tiny_model_dir,
+                          {"target": 0.45, "step_size": 0.05, "milestones_on": "reached", "milestones": [0.1, 0.2]},
+                          {"attention": "q_head", "mlp": "channel", "protect_first": 0.1, "protect_last": 1,
+                           "protect_rounding": "floor", "sparsity_basis": "all_blocks", "min_keep": 0},
+                          {"name": "global", "params": {"budget": "count"}})
+    out = tmp_path / "run"
+    _run(recipe, out)
+    rows = json.loads((out / "metrics.json").read_text())
+    for r in rows:
+        assert {"sparsity", "sparsity_prunable_blocks", "sparsity_all_blocks"} <= set(r)
+        assert r["sparsity"] == r["sparsity_all_blocks"]
+    assert rows[0]["target"] == 0.0 and rows[0]["sparsity_prunable_blocks"] == 0.0
+    assert [r["target"] for r in rows[1:]] == [0.1, 0.2, 0.45]
+    reached = []
+    for k in range(1, 11):  # linspace(0, 0.45, 10): 10 steps
+        with safe_open(str(out / "masks" / f"step_{k:02d}.safetensors"), "pt") as f:
+            reached.append(float(f.metadata()["sparsity"]))
+    assert not (out / "masks" / "step_11.safetensors").exists()
+    assert reached[0] > 0  # the count threshold removes one unit at ratio 0, as the authors' kthvalue
+    for r in rows[1:3]:  # each milestone row is at the first step whose measured sparsity passed it
+        k = r["step"]
+        assert reached[k - 1] >= r["target"] and (k == 1 or reached[k - 2] < r["target"])
+        assert r["sparsity_all_blocks"] == round(reached[k - 1], 4)
+        assert (out / "masks" / f"milestone_{r['target']:.2f}.safetensors").is_file()
+    assert rows[-1]["step"] == 10 and "milestones_not_reached" not in json.loads((out / "run.json").read_text())
+    # one regeneration per crossed milestone (rho 1), none after the last step
+    assert sorted(p.name for p in (out / "calibration").glob("generation_*.jsonl")) == \
+        ["generation_00.jsonl", "generation_01.jsonl", "generation_02.jsonl"]
+
+
+def test_run_records_milestones_not_reached(tmp_path, tiny_model_dir):
+    """A count target too low for the measured milestones: the run finishes, says which were missed."""
+    import json
+
+    recipe = _tiny_recipe(tiny_model_dir,
+                          {"target": 0.1, "step_size": 0.05, "milestones_on": "reached", "milestones": [0.02, 0.3]},
+                          allocator={"name": "global", "params": {"budget": "count"}})
+    recipe["evaluation"]["evaluators"] = []
+    out = tmp_path / "run"
+    _run(recipe, out)
+    assert json.loads((out / "run.json").read_text())["milestones_not_reached"] == [0.3]
+    assert (out / "masks" / "milestone_0.02.safetensors").is_file()
+
+
+def test_run_refuses_an_unreachable_target(tmp_path, tiny_model_dir):
+    recipe = _tiny_recipe(tiny_model_dir, {"target": 0.5, "steps": 1},
+                          {"attention": "kv_group", "mlp": "channel", "min_keep": 1000000})
+    out = tmp_path / "run"
+    with pytest.raises(RespError, match=r"^structures\.min_keep: 1000000 keeps every unit"):
+        _run(recipe, out)
+    assert not out.exists()

@@ -37,6 +37,7 @@ from resp_core.errors import RespError
 from resp_core.fingerprint import model_fingerprint
 from resp_core.rundir import atomic_write_text
 from resp_core.interfaces import CalibrationSample, CalibrationSource, Params, RunContext, SamplingParams
+from resp_core.validation import Count, NewTokens
 
 
 CACHE_FORMAT = 2
@@ -47,10 +48,10 @@ def _lines_hash(lines: list[str]) -> str:
 
 
 class SamplingSettings(Params):
-    temperature: float = 0.6
-    top_p: float = 0.95
-    top_k: int = 20
-    max_new_tokens: int = 256
+    temperature: float = Field(0.6, ge=0, le=100)  # 0: greedy
+    top_p: float = Field(0.95, gt=0, le=1)
+    top_k: int = Field(20, ge=0)  # 0: no top-k cut
+    max_new_tokens: NewTokens = 256
     enable_thinking: bool = True
 
     def to_sampling(self, seed: int) -> SamplingParams:
@@ -65,13 +66,13 @@ class SelfGenerated(CalibrationSource):
     regenerable = True
 
     class Params(Params):
-        num_samples: int = 128
+        num_samples: Count = 128
         task: str | None = None  # default: the recipe's task
         task_params: dict | None = None  # e.g. {data_dir: ...}; default: the recipe task's params
         split: str = "train"
         sampling: SamplingSettings = Field(default_factory=SamplingSettings)
         require_correct: bool = False
-        max_attempts: int = 4
+        max_attempts: int = Field(4, ge=1, le=100)
         cache_dir: str | None = None
 
     def __init__(self, params: "SelfGenerated.Params | None" = None):

@@ -31,6 +31,7 @@ from pydantic import Field, ValidationError
 from resp_core import hookimpl
 from resp_core.errors import RespError
 from resp_core.interfaces import CalibrationSample, CalibrationSource, Params, RunContext
+from resp_core.validation import Count
 
 
 def check_task_ref(recipe, path: str, task: str | None, task_params: dict | None) -> None:
@@ -68,13 +69,13 @@ class TaskData(CalibrationSource):
     """Task prompts with their human-written reference solutions (the authors' gold-thinking data)."""
 
     class Params(Params):
-        num_samples: int = 128
+        num_samples: Count = 128
         task: str | None = None  # default: the recipe's task
         task_params: dict[str, Any] | None = None  # e.g. {data_dir: ...}; default: the recipe task's params
         split: str = "train"
         format: Literal["chat", "plain"] = "chat"  # chat template, or question + solution as plain text
         enable_thinking: bool = True  # chat format: the template's thinking mode (authors' gold-thinking)
-        max_length: int | None = None
+        max_length: int | None = Field(None, ge=1)
         pack: int | None = Field(None, ge=1)  # cut the token stream into windows of this many tokens
 
     def __init__(self, params: "TaskData.Params | None" = None):

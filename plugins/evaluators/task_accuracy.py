@@ -15,6 +15,7 @@ from pydantic import Field
 from resp_core import hookimpl
 from resp_core.interfaces import EvalResult, Evaluator, Generator, Params, Progress, RunContext, Task
 from resp_core.stats import ci95_halfwidth
+from resp_core.validation import Count, Seed
 from resp_plugins.calibration.self_generated import SamplingSettings
 
 
@@ -56,9 +57,9 @@ class TaskAccuracy(Evaluator):
     class Params(Params):
         task: str | None = None  # default: the recipe's task
         split: str = "test"
-        num_items: int = Field(200, ge=1)
-        seed: int = 1234  # which items (and the sampling seed when `seeds` is not given)
-        seeds: list[int] | None = None  # repeated sampling: one accuracy per seed, mean and 95% CI
+        num_items: Count = 200
+        seed: Seed = 1234  # which items (and the sampling seed when `seeds` is not given)
+        seeds: list[Seed] | None = Field(None, min_length=1)  # repeated sampling: one accuracy per seed, mean and 95% CI
         sampling: SamplingSettings = Field(default_factory=SamplingSettings)
 
     def __init__(self, params: "TaskAccuracy.Params | None" = None):

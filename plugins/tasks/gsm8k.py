@@ -185,6 +185,7 @@ class GSM8K(Task):
     """GSM8K grade-school math word problems; numeric answers compared with a 1e-6 tolerance."""
 
     name = "gsm8k"
+    splits = SPLITS
 
     class Params(Params):
         data_dir: str | None = None  # folder with train.jsonl / test.jsonl; None = load from the hub
@@ -243,6 +244,10 @@ class GSM8K(Task):
         if _gold(obj["answer"]) is None:
             raise RespError(f"gsm8k: {where}: 'answer' does not end in a '#### <number>' line")
         return obj
+
+    def split_size(self, split: str) -> int | None:
+        """Known for local files (read and checked now, before any run); None for the hub."""
+        return len(self._load(split)) if self.params.data_dir and split in SPLITS else None
 
     def items(self, split: str, count: int | None, seed: int) -> list[TaskItem]:
         rows = self._load(split)

@@ -173,6 +173,7 @@ class MathQA(Task):
     """MathQA five-option math word problems; the answer is the option letter a-e."""
 
     name = "mathqa"
+    splits = SPLITS + tuple(_SPLIT_ALIASES)
 
     class Params(Params):
         data_dir: str | None = None  # folder with dev.json / test.json (and train.json); None = hub
@@ -239,6 +240,10 @@ class MathQA(Task):
         else:  # unparseable options: show them as given rather than drop the item
             lines = [row["options"].strip()]
         return "\n".join([row["Problem"].strip(), "", "Options:", *lines, "", self.params.instruction])
+
+    def split_size(self, split: str) -> int | None:
+        """Known for local files (read and checked now, before any run); None for the hub."""
+        return len(self._load(self._split(split))) if self.params.data_dir else None
 
     def items(self, split: str, count: int | None, seed: int) -> list[TaskItem]:
         split = self._split(split)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+from pydantic import Field
+
 from resp_core import hookimpl
 from resp_core.interfaces import Params, Task, TaskItem
 from resp_core.testbed import task as arith
@@ -13,9 +15,10 @@ class TestbedArithmetic(Task):
     """Testbed multi-step arithmetic; answers checked exactly, generated offline from a seed."""
 
     name = "testbed_arith"
+    splits = ("train", "test")
 
     class Params(Params):
-        prompt_forms: int = 4  # how many prompt phrasings to draw from
+        prompt_forms: int = Field(4, ge=1, le=len(arith._PROMPT_FORMS))  # how many prompt phrasings to draw from
 
     def __init__(self, params: "TestbedArithmetic.Params | None" = None):
         self.params = params or self.Params()
