@@ -251,7 +251,9 @@ def gradient_pass(model, adapter: DecoderAdapter, calibration: CalibrationSet, l
                 picked = hidden[:, :-1][where]  # [N, hidden]: only the labelled positions
                 del hidden
                 logits = adapter.output_logits(picked)  # [N, V]
-                nll = torch.nn.functional.cross_entropy(logits.float(), target[where], reduction="none")
+                if logits.dtype in _LOW_PRECISION:
+                    logits = logits.float()  # the loss in float32, as transformers' own loss does
+                nll = torch.nn.functional.cross_entropy(logits, target[where], reduction="none")
                 del logits, picked  # nothing vocabulary-sized stays referenced but what autograd saved
                 if reduction == "token_mean":
                     objective = nll.sum() / total_tokens
