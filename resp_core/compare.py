@@ -46,6 +46,13 @@ SHARED_FIELDS = ("model", "task", "structures", "generator", "seed", "sparsities
                  "steps")
 
 
+class InitFromMethod(_Strict):
+    """An earlier method's milestone mask in the same comparison (the paper's Table 3 path)."""
+
+    method: str
+    milestone: float
+
+
 class CompareMethod(_Strict):
     label: str
     scorer: PluginRef
@@ -53,6 +60,8 @@ class CompareMethod(_Strict):
     allocator: PluginRef | None = None  # default: global
     # overrides of the progressive schedule's params; {name: oneshot}: one run per sparsity, each from dense
     schedule: dict[str, Any] = Field(default_factory=dict)
+    # start from a saved mask: a file, or {method: <earlier label>, milestone: <sparsity>} of this comparison
+    init_from: "str | InitFromMethod | None" = None
     # Only to catch mistakes: a method may not prune other structures or another model.
     model: ModelSection | None = None
     structures: StructuresSection | None = None
@@ -87,6 +96,16 @@ class CompareRecipe(SharedSections):
             if name == "oneshot" and set(m.schedule) != {"name"}:
                 raise ValueError(f"methods[{i}].schedule: a one-shot method takes no other schedule fields "
                                  "(it is pruned once per sparsity, each time from the dense model)")
+        for i, m in enumerate(self.methods):
+            ref = m.init_from
+            if isinstance(ref, InitFromMethod):
+                earlier = {x.label: x for x in self.methods[:i]}
+                if ref.method not in earlier:
+                    raise ValueError(f"methods[{i}].init_from.method: {ref.method!r} is not a method listed "
+                                     "before this one")
+                if round(ref.milestone, 6) not in {round(s, 6) for s in self.sparsities}:
+                    raise ValueError(f"methods[{i}].init_from.milestone: {ref.milestone} is not one of the "
+                                     f"comparison's sparsities {self.sparsities}")
         labels = [m.label for m in self.methods]
         if len(set(labels)) != len(labels):
             raise ValueError(f"method labels must be unique, got {labels}")
@@ -122,10 +141,17 @@ def parse_compare(text: str | dict, source: str) -> CompareRecipe:
     data = load_yaml_document(text, source) if isinstance(text, str) else text
     if not isinstance(data, dict):
         raise RespError(f"{source}: a comparison recipe must be a YAML mapping")
+    report = None
+    if data.get("mode") == "paper":
+        from .paper import apply_to_compare
+
+        data, report = apply_to_compare(data)
     try:
         cmp = CompareRecipe.model_validate(data)
     except ValidationError as exc:
         raise RespError(f"{source}: {_first_error(exc)}") from None
+    if report is not None:
+        cmp._protocol = report.to_json()
     for i, m in enumerate(cmp.methods):
         if m.model is not None and m.model != cmp.model:
             raise RespError(f"{source}: methods[{i}].model differs from the comparison's model "
@@ -148,9 +174,34 @@ def _evaluators_with_seeds(cmp: CompareRecipe, registry) -> list[PluginRef]:
     return out
 
 
-def method_recipe(cmp: CompareRecipe, method: CompareMethod, registry, target: float | None = None) -> Recipe:
+def init_from_path(cmp: CompareRecipe, method: CompareMethod, folder: Path | None) -> str | None:
+    """The mask file ``method`` starts from; None when it starts dense, or when it is an earlier
+    method's milestone and no comparison folder is given (validation, before that method ran)."""
+    ref = method.init_from
+    if ref is None or isinstance(ref, str):
+        return ref
+    if folder is None:
+        return None
+    source = next(m for m in cmp.methods if m.label == ref.method)
+    run = f"runs/{slug(source.label)}" + (f"/{ref.milestone:.2f}" if is_oneshot(source) else "")
+    return str(folder / run / "masks" / f"milestone_{ref.milestone:.2f}.safetensors")
+
+
+def _method_protocol(cmp: CompareRecipe, method: CompareMethod) -> dict:
+    """``mode: paper``'s record for one method's runs: the shared fields and that method's."""
+    index = next((i for i, m in enumerate(cmp.methods) if m.label == method.label), None)
+    own = f"methods[{index}]"
+    out = {}
+    for part, entries in cmp.protocol().items():
+        out[part] = {(k[len(own) + 1:] if k.startswith(own + ".") else k): v for k, v in entries.items()
+                     if not k.startswith("methods[") or k.startswith(own + ".")}
+    return out
+
+
+def method_recipe(cmp: CompareRecipe, method: CompareMethod, registry, target: float | None = None,
+                  folder: Path | None = None) -> Recipe:
     """The run recipe of ``method``; for a one-shot method, its run at ``target`` (default: the
-    largest sparsity)."""
+    largest sparsity).  ``folder``: the comparison folder (to find an earlier method's mask)."""
     name = f"{cmp.name}-{slug(method.label)}"
     if is_oneshot(method):
         target = cmp.sparsities[-1] if target is None else target
@@ -160,15 +211,20 @@ def method_recipe(cmp: CompareRecipe, method: CompareMethod, registry, target: f
         schedule = {"target": cmp.sparsities[-1], "steps": cmp.steps, "milestones": list(cmp.sparsities),
                     "regenerate_fraction": 0.0}
         schedule.update({k: v for k, v in method.schedule.items() if k != "name"})
+        if "step_size" in method.schedule:  # the authors' linspace spacing instead of equal steps
+            schedule.pop("steps")
         schedule_ref = PluginRef(name="progressive", params=schedule)
-    return Recipe(
-        name=name, seed=cmp.seed, model=cmp.model, task=cmp.task,
+    recipe = Recipe(
+        name=name, seed=cmp.seed, mode=cmp.mode, init_from=init_from_path(cmp, method, folder),
+        model=cmp.model, task=cmp.task,
         structures=cmp.structures, generator=cmp.generator, calibration=method.calibration or cmp.calibration,
         scorer=method.scorer, allocator=method.allocator or PluginRef(name="global"),
         schedule=schedule_ref,
         evaluation=EvaluationSection(evaluate_dense=False, evaluators=_evaluators_with_seeds(cmp, registry)),
         output=OutputSection(save_model=False, save_milestone_models=True),
     )
+    recipe._protocol = _method_protocol(cmp, method) if cmp.mode == "paper" else {}
+    return recipe
 
 
 def dense_recipe(cmp: CompareRecipe, registry) -> Recipe:
@@ -270,6 +326,7 @@ def collect_results(folder: Path) -> dict:
             vals = [per_seed[s] for s in sorted(per_seed)]
             rows.append({
                 "method": method, "target": row["target"], "sparsity": row["sparsity"],
+                **{k: row.get(k) for k in ("sparsity_prunable_blocks", "sparsity_all_blocks")},
                 "parameters": row["parameters"], "metric": metric, "mean": mean(vals),
                 "ci95": ci95_halfwidth(vals), "n_seeds": len(vals),
                 "per_seed": {str(s): per_seed[s] for s in sorted(per_seed)},
@@ -310,9 +367,11 @@ def write_results(folder: Path, results: dict) -> None:
     write_json(folder / "results.json", results)
     fh = io.StringIO(newline="")
     w = csv.writer(fh)
-    w.writerow(["method", "target", "sparsity", "parameters", "metric", "mean", "ci95", "n_seeds", "per_seed"])
+    w.writerow(["method", "target", "sparsity", "sparsity_prunable_blocks", "sparsity_all_blocks", "parameters",
+                "metric", "mean", "ci95", "n_seeds", "per_seed"])
     for r in results["rows"]:
-        w.writerow([r["method"], r["target"], r["sparsity"], r["parameters"], r["metric"], f"{r['mean']:.6f}",
+        w.writerow([r["method"], r["target"], r["sparsity"], r.get("sparsity_prunable_blocks"),
+                    r.get("sparsity_all_blocks"), r["parameters"], r["metric"], f"{r['mean']:.6f}",
                     "" if r["ci95"] != r["ci95"] else f"{r['ci95']:.6f}", r["n_seeds"],
                     ";".join(f"{k}:{v:.4f}" for k, v in r["per_seed"].items())])
     atomic_write_text(folder / "results.csv", fh.getvalue())
@@ -359,7 +418,8 @@ def run_compare(cmp: CompareRecipe, source: str, folder: Path, progress, console
         ctx = build_context(dr, model, tok, progress)
         metrics = evaluate_point(dr, ctx, RunDir(dense_dir), "dense")
         params = ctx.adapter.parameter_count()
-        write_json(dense_dir / "metrics.json", [{"step": 0, "sparsity": 0.0, "target": 0.0, "parameters": params,
+        write_json(dense_dir / "metrics.json", [{"step": 0, "sparsity": 0.0, "sparsity_prunable_blocks": 0.0,
+                                                  "sparsity_all_blocks": 0.0, "target": 0.0, "parameters": params,
                                                   **metrics}])
     else:
         _extend_seeds(merged, dense_dir, None, progress, reg)
@@ -379,7 +439,7 @@ def run_compare(cmp: CompareRecipe, source: str, folder: Path, progress, console
                 say(f"[bold]{method.label}[/]: pruning to {', '.join(f'{s:.0%}' for s in merged.sparsities)}")
             else:
                 say(f"[bold]{method.label}[/]: pruning to {target:.0%} in one shot from the dense model")
-            res = resolve(method_recipe(merged, method, reg, target), reg)
+            res = resolve(method_recipe(merged, method, reg, target, folder), reg)
             run_recipe(res, run, progress)
     results = collect_results(folder)
     write_results(folder, results)
