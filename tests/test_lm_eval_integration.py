@@ -416,3 +416,267 @@ def test_unreachable_hub_is_one_line_resp_error(tiny, monkeypatch):
     model, tok = tiny
     with pytest.raises(RespError, match="set data_dir"):
         leh.LmEvalHarness(leh.LmEvalHarness.Params(limit=1)).evaluate(_ctx(model, tok, RecordingGenerator()))
+
+
+# --------------------------------------------------------------------------------------------------
+# The paper's tasks: lm-eval's own gsm8k_cot, the authors' MathQA prompt, whole-output stops
+# --------------------------------------------------------------------------------------------------
+
+PAPER = ["resp_gsm8k_cot_paper", "resp_mathqa_paper"]
+PAPER_DIRS = {"resp_gsm8k_cot_paper": str(GSM_DIR), "resp_mathqa_paper": str(MQA_DIR)}
+
+
+def _lm_eval_gsm8k_cot() -> dict:
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    return load_yaml(task_utils.lm_eval_task_file("gsm8k/gsm8k-cot.yaml"), resolve_func=True)
+
+
+def _paper_responder(gsm_rows, mqa_rows, think: str = "", wrong: bool = False):
+    """Answers in the exemplars' style ("The answer is N.") / with the option letter."""
+    from lm_eval.utils import apply_template
+
+    template = _lm_eval_gsm8k_cot()["doc_to_text"]
+    table = {}
+    for row in gsm_rows["test"]:
+        gold = task_utils.gsm8k_gold(row)
+        answer = f"{float(gold) + wrong:g}"
+        table[apply_template(template, row)] = think + f"So it is {answer}. The answer is {answer}."
+    for row in mqa_rows:
+        letter = row["correct"] if not wrong else ("b" if row["correct"] == "a" else "a")
+        table[f"Question: {row['Problem']}\nOptions: {row['options']}\nAnswer:"] = think + f"The answer is ({letter})."
+    return lambda prompt: table[prompt]
+
+
+def test_paper_gsm8k_is_lm_evals_gsm8k_cot_as_chat_turns(tiny, gsm_rows, mqa_rows):
+    from lm_eval.utils import apply_template
+
+    model, tok = tiny
+    base = _lm_eval_gsm8k_cot()
+    shots = base["fewshot_config"]["samples"]
+    assert base["fewshot_config"]["sampler"] == "first_n" and len(shots) == 8
+    gen = ScriptedGenerator(_paper_responder(gsm_rows, mqa_rows))
+    res = _evaluator(tasks=["resp_gsm8k_cot_paper"], data_dir=PAPER_DIRS, limit=3).evaluate(_ctx(model, tok, gen))
+    (call,) = gen.calls
+    s = call["sampling"]
+    assert (s.do_sample, s.temperature, s.max_new_tokens, s.enable_thinking) == (True, 0.6, 2048, True)
+    test_rows = gsm_rows["test"][:3]
+    for conv, row in zip(call["conversations"], test_rows):
+        # Wei et al.'s 8 exemplars in lm-eval's order, "Q: ...\nA:" as user turns, answers as assistant turns
+        assert len(conv) == 17
+        for k, shot in enumerate(shots):
+            assert conv[2 * k] == {"role": "user", "content": apply_template(base["doc_to_text"], shot)}
+            assert conv[2 * k + 1] == {"role": "assistant", "content": shot["target"]}
+            assert shot["target"].endswith(f"The answer is {shot['target'].rsplit(' ', 1)[1]}")
+        assert conv[-1] == {"role": "user", "content": f"Q: {row['question']}\nA:"}
+    m = res.metrics
+    assert m["resp_gsm8k_cot_paper/exact_match/strict-match"] == 1.0
+    assert m["resp_gsm8k_cot_paper/exact_match/flexible-extract"] == 1.0
+    # one main metric per task: the strict match carries the per-seed key, nothing else does
+    assert m["resp_gsm8k_cot_paper/exact_match/strict-match@seed0"] == 1.0
+    assert [k for k in m if "@seed" in k] == ["resp_gsm8k_cot_paper/exact_match/strict-match@seed0"]
+    rec = res.records[0]
+    assert rec["filtered/strict-match"] == "18" and rec["exact_match/strict-match"] == 1.0
+
+
+def test_paper_stop_strings_cut_the_whole_output(tiny, gsm_rows, mqa_rows):
+    """The authors' lm-eval cuts at the first "Q:" anywhere, a reasoning trace included;
+    RESP's after_think mode leaves the trace alone."""
+    model, tok = tiny
+    think = "<think>\nQ: what is asked?\nLet me compute.\n</think>\n\n"
+    gen = ScriptedGenerator(_paper_responder(gsm_rows, mqa_rows, think=think))
+    res = _evaluator(tasks=PAPER, data_dir=PAPER_DIRS, limit=2).evaluate(_ctx(model, tok, gen))
+    assert res.metrics["resp_gsm8k_cot_paper/exact_match/strict-match"] == 0.0
+    assert res.metrics["resp_mathqa_paper/acc"] == 0.0
+    for r in res.records:
+        assert r["completion"] == "<think>\n" and r["stopped"] is True
+    gen = ScriptedGenerator(_paper_responder(gsm_rows, mqa_rows, think=think))
+    res = _evaluator(tasks=PAPER, data_dir=PAPER_DIRS, limit=2, stop_strings="after_think").evaluate(
+        _ctx(model, tok, gen))
+    assert res.metrics["resp_gsm8k_cot_paper/exact_match/strict-match"] == 1.0
+    assert res.metrics["resp_mathqa_paper/acc"] == 1.0
+
+
+def test_paper_mathqa_prompt_is_raw_options_zero_shot(tiny, gsm_rows, mqa_rows):
+    model, tok = tiny
+    gen = ScriptedGenerator(_paper_responder(gsm_rows, mqa_rows))
+    res = _evaluator(tasks=["resp_mathqa_paper"], data_dir=PAPER_DIRS, limit=4).evaluate(_ctx(model, tok, gen))
+    (call,) = gen.calls
+    assert call["sampling"].max_new_tokens == 4096 and call["sampling"].enable_thinking is True
+    for conv, row in zip(call["conversations"], mqa_rows[:4]):
+        assert conv == [{"role": "user",
+                         "content": f"Question: {row['Problem']}\nOptions: {row['options']}\nAnswer:"}]
+    assert res.metrics["resp_mathqa_paper/acc"] == 1.0 and res.metrics["resp_mathqa_paper/acc@seed0"] == 1.0
+    assert res.records[0]["target"] == f"Options: {mqa_rows[0]['options']}\n Correct: {mqa_rows[0]['correct']}"
+
+
+# --------------------------------------------------------------------------------------------------
+# The authors' LLM judge
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("reply,verdict", [
+    ("ANSWER: true\nREASON: same value", True), ("answer: TRUE", True), ("ANSWER: false\nREASON: no", False),
+    ("ANSWER: true.", False), ("The answer matches.", False), ("", False),
+    ("<think>\nANSWER: false\n</think>\n\nANSWER: true", True),
+])
+def test_parse_judge_reply(reply, verdict):
+    assert leh.parse_judge_reply(reply) is verdict
+
+
+class JudgeScript(Generator):
+    """A judge that reads the authors' payload and says true iff the target's answer appears."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, conversations, sampling, progress=None, description="Generating"):
+        self.calls.append({"conversations": conversations, "sampling": sampling})
+        out = []
+        for conv in conversations:
+            data = json.loads(conv[-1]["content"].split("DATA:\n", 1)[1])
+            target = data["target"]
+            want = f"({target.rsplit('Correct: ', 1)[1]})" if "Correct: " in target else f"is {target}."
+            ok = any(want in r for r in data["resps"])
+            out.append(Completion([1], [2], f"ANSWER: {str(ok).lower()}\nREASON: scripted", True))
+        return out
+
+
+def test_llm_judge_prompt_and_accuracy(tiny, gsm_rows, mqa_rows):
+    model, tok = tiny
+    for wrong, expected in ((False, 1.0), (True, 0.0)):
+        ev = _evaluator(tasks=PAPER, data_dir=PAPER_DIRS, limit=3, llm_judge={"model_path": "unused"})
+        judge = JudgeScript()
+        ev._side["judge"] = judge
+        gen = ScriptedGenerator(_paper_responder(gsm_rows, mqa_rows, wrong=wrong))
+        res = ev.evaluate(_ctx(model, tok, gen))
+        m = res.metrics
+        for t in PAPER:
+            assert m[f"{t}/judge_accuracy"] == expected
+            assert m[f"{t}/judge_accuracy@seed0"] == expected  # the judge is the main metric
+        assert not any(k.startswith(f"{t}/acc@") or "strict-match@" in k for k in m for t in PAPER)
+        (call,) = judge.calls
+        s = call["sampling"]
+        assert s.do_sample is False and s.max_new_tokens == 150 and s.enable_thinking is False
+        by_kind = {}
+        for conv in call["conversations"]:
+            assert conv[0]["role"] == "system" and conv[1]["content"].startswith(
+                "Return answer and reasoning in the specified format.\nDATA:\n")
+            by_kind.setdefault("mathqa" if "multiple-choice" in conv[0]["content"] else "gsm8k", []).append(conv)
+        assert len(by_kind["gsm8k"]) == len(by_kind["mathqa"]) == 3
+        assert by_kind["gsm8k"][0][0]["content"] == leh.JUDGE_SYSTEM["gsm8k"]
+        first = json.loads(by_kind["gsm8k"][0][1]["content"].split("DATA:\n", 1)[1])
+        assert first["target"] == "18" and len(first["resps"]) == 1
+        recs = [r for r in res.records if r["task"] == "resp_mathqa_paper"]
+        assert recs[0]["judge_target"] == f"Options: {mqa_rows[0]['options']}\n Correct: {mqa_rows[0]['correct']}"
+        assert all(r["judge_verdict"] is (not wrong) for r in res.records)
+
+
+def test_llm_judge_with_the_testbed_model_standing_in(tiny, gsm_rows, mqa_rows, testbed_available):
+    model, tok = tiny
+    gen = ScriptedGenerator(_paper_responder(gsm_rows, mqa_rows))
+    ev = _evaluator(tasks=["resp_gsm8k_cot_paper"], data_dir=PAPER_DIRS, limit=2,
+                    llm_judge={"model_path": "testbed", "max_new_tokens": 12})
+    res = ev.evaluate(_ctx(model, tok, gen))
+    assert 0.0 <= res.metrics["resp_gsm8k_cot_paper/judge_accuracy"] <= 1.0
+    for r in res.records:
+        assert isinstance(r["judge_reply"], str) and r["judge_verdict"] is leh.parse_judge_reply(r["judge_reply"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Metric keys: one main metric per task, stderr kept apart
+# --------------------------------------------------------------------------------------------------
+
+def test_main_metric_is_configurable_and_checked(tiny, gsm_rows, mqa_rows):
+    model, tok = tiny
+    gen = ScriptedGenerator(_paper_responder(gsm_rows, mqa_rows))
+    ev = _evaluator(tasks=PAPER, data_dir=PAPER_DIRS, limit=3, bootstrap_iters=10, seeds=[0, 1],
+                    main_metric={"resp_gsm8k_cot_paper": "exact_match/flexible-extract"})
+    m = ev.evaluate(_ctx(model, tok, gen)).metrics
+    seeded = sorted(k for k in m if "@seed" in k)
+    assert seeded == ["resp_gsm8k_cot_paper/exact_match/flexible-extract@seed0",
+                      "resp_gsm8k_cot_paper/exact_match/flexible-extract@seed1",
+                      "resp_mathqa_paper/acc@seed0", "resp_mathqa_paper/acc@seed1"]
+    assert m["resp_gsm8k_cot_paper/exact_match/flexible-extract/std"] == 0.0
+    assert "resp_gsm8k_cot_paper/exact_match/strict-match/stderr" in m
+    assert not any("_stderr" in k or "," in k for k in m)
+    with pytest.raises(RespError, match="reports no metric 'accuracy'.*exact_match/strict-match"):
+        _evaluator(tasks=PAPER, data_dir=PAPER_DIRS, limit=1, main_metric="accuracy").evaluate(
+            _ctx(model, tok, gen))
+    with pytest.raises(RespError, match="main_metric: 'gsm8k' is not one of the tasks"):
+        _evaluator(tasks=PAPER, main_metric={"gsm8k": "acc"}).check_recipe(None, "evaluator")
+
+
+# --------------------------------------------------------------------------------------------------
+# lm-eval's own command line: `--model resp --model_args path=RUN/model`
+# --------------------------------------------------------------------------------------------------
+
+def _tiny_tasks(folder: Path) -> None:
+    folder.mkdir()
+    mc = folder / "mc.jsonl"
+    mc.write_text("\n".join(json.dumps({"q": f"{a} + {b} =", "choices": [str(a + b), str(a + b + 1)], "label": 0})
+                            for a, b in [(1, 2), (3, 4), (5, 6)]) + "\n")
+    (folder / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {mc}\n"
+        "output_type: multiple_choice\ntest_split: test\ndoc_to_text: '{{q}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    (folder / "tiny_gen.yaml").write_text(
+        "task: tiny_gen\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {mc}\n"
+        "output_type: generate_until\ntest_split: test\ndoc_to_text: '{{q}}'\ndoc_to_target: '{{choices[0]}}'\n"
+        "generation_kwargs:\n  until: ['\\n']\n  do_sample: false\n  max_gen_toks: 4\n"
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")
+
+
+def test_lm_eval_cli_with_model_resp_on_a_saved_pruned_model(testbed_tokenizer, tmp_path):
+    """lm-eval's CLI loads a RESP run's model folder (load_pruned) as `--model resp`; its
+    loglikelihoods equal the in-memory masked model's through the same HFLM code."""
+    import os
+    import subprocess
+    import sys
+
+    from lm_eval.api.instance import Instance
+
+    from resp_core.model.adapter import adapter_for
+    from resp_core.model.compaction import compacted_copy, save_pruned
+    from resp_core.model.masks import MaskSet, apply_mask
+
+    tok = testbed_tokenizer
+    model = tiny_qwen3(seed=3, vocab=len(tok))
+    model.config.eos_token_id = tok.eos_token_id
+    model.config.pad_token_id = tok.pad_token_id
+    adapter = adapter_for(model)
+    mask = MaskSet.full(adapter.geometry)
+    mask.mlp_channel[1, :20] = False
+    mask.q_head[2, 0] = False
+    apply_mask(adapter, mask)
+    compact, record = compacted_copy(model, mask)
+    save_pruned(compact, record, tmp_path / "model", tok)
+    _tiny_tasks(tmp_path / "tasks")
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "resp_plugins.evaluators.lm_eval_cli", "--model", "resp", "--device", "cpu",
+           "--model_args", f"path={tmp_path / 'model'},enable_thinking=false",
+           "--tasks", "tiny_mc,tiny_gen", "--include_path", str(tmp_path / "tasks"), "--batch_size", "2",
+           "--output_path", str(tmp_path / "out"), "--log_samples"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (results_file,) = list((tmp_path / "out").rglob("results_*.json"))
+    results = json.loads(results_file.read_text())
+    assert 0.0 <= results["results"]["tiny_mc"]["acc,none"] <= 1.0
+    assert 0.0 <= results["results"]["tiny_gen"]["exact_match,none"] <= 1.0
+    assert results["config"]["model"] == "resp"
+
+    (mc_samples,) = list((tmp_path / "out").rglob("samples_tiny_mc_*.jsonl"))
+    samples = [json.loads(line) for line in mc_samples.read_text().splitlines() if line.strip()]
+    lm = leh.make_lm(model, tok, HFGenerator(), enable_thinking=False)
+    for sample in samples:
+        reqs = [Instance("loglikelihood", {}, (a["arg_0"], a["arg_1"]), 0) for a in sample["arguments"].values()]
+        mine = [ll for ll, _ in lm.loglikelihood(reqs)]
+        theirs = [float(r[0][0]) for r in sample["resps"]]
+        assert mine == pytest.approx(theirs, abs=1e-4)
+    (gen_samples,) = list((tmp_path / "out").rglob("samples_tiny_gen_*.jsonl"))
+    for line in gen_samples.read_text().splitlines():
+        resp = json.loads(line)["resps"][0][0]
+        assert isinstance(resp, str) and "\n" not in resp

@@ -501,7 +501,8 @@ class LmEvalHarness(Evaluator):
                     for m in s.get("metrics", []):
                         rec[m if filt == "none" else f"{m}/{filt}"] = s.get(m)
                     if filt != "none":
-                        rec[f"filtered/{filt}"] = s.get("filtered_resps")
+                        got = s.get("filtered_resps")
+                        rec[f"filtered/{filt}"] = got[0] if isinstance(got, list) and len(got) == 1 else got
                 if kind:
                     rec["kind"] = kind
                     rec["gold"] = utils.gold_of(kind, sample["doc"])

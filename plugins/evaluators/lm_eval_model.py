@@ -26,8 +26,8 @@ model object) and overrides only what RESP needs:
 From lm-eval's own command line (lm-eval discovers no third-party models by itself, so RESP's
 ``resp-lm-eval`` is lm-eval's CLI with this model registered and RESP's task folder included)::
 
-    resp-lm-eval --model resp --model_args path=runs/demo/model --tasks resp_gsm8k_cot_paper
-    python -m resp_plugins.evaluators.lm_eval_model --model resp --model_args path=RUN/model ...
+    resp-lm-eval --model resp --model_args path=runs/demo/model --tasks resp_gsm8k_cot_paper --device cpu
+    python -m resp_plugins.evaluators.lm_eval_cli --model resp --model_args path=RUN/model ...
 
 ``path`` is anything ``respctl testbed evaluate --model`` takes: ``testbed``, a RESP run's
 ``model/`` folder (loaded with ``resp_core.load_pruned``) or a plain transformers folder.
@@ -39,11 +39,12 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
+
+import torch
 
 from resp_core.errors import RespError
 from resp_core.interfaces import Progress, SamplingParams
@@ -140,6 +141,9 @@ class RespLM(HFLM):
                                 "transformers folder or 'testbed'>")
             from resp_core.testbed.evaluate import load_any
 
+            if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+                log.warning("lm-eval model 'resp': %s requested but CUDA is not available; using cpu", device)
+                device = "cpu"  # lm-eval's CLI defaults to cuda:0; HFLM falls back the same way
             pretrained, tokenizer = load_any(str(where), dtype=dtype, device=device)
             self._source = str(where)
         else:
@@ -270,19 +274,3 @@ class RespLM(HFLM):
         return {"model_num_parameters": sum(p.numel() for p in model.parameters()),
                 "model_dtype": str(getattr(model, "dtype", "")), "model_source": self._source or "in-memory",
                 "generation_backend": type(self.generator).__name__}
-
-
-def main(argv: list[str] | None = None) -> None:
-    """lm-eval's own command line with RESP's ``resp`` model registered and RESP's task folder
-    on the include path (``--include_path`` given explicitly replaces it)."""
-    from lm_eval.__main__ import cli_evaluate
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not any(a == "--include_path" or a.startswith("--include_path=") for a in args):
-        args += ["--include_path", str(TASKS_DIR)]
-    sys.argv = [sys.argv[0] if sys.argv else "resp-lm-eval", *args]
-    cli_evaluate()
-
-
-if __name__ == "__main__":
-    main()
