@@ -176,6 +176,12 @@ def _guarded(run_dir: RunDir, record: RunRecord, created: bool, body: Callable[[
         previous.clear()
 
     resume_hint = f"continue with `respctl run --resume {run_dir.path}`"
+
+    def kept(status: str, note: str | None) -> str:
+        if note:  # run.json itself could not be written: the run will read as stale
+            return f"(run folder {run_dir.path} kept, not marked {status}: {note}; {resume_hint})"
+        return f"(run folder {run_dir.path} kept, status {status}; {resume_hint})"
+
     try:
         return body(record)
     except (RunInterrupted, KeyboardInterrupt) as exc:
@@ -185,12 +191,11 @@ def _guarded(run_dir: RunDir, record: RunRecord, created: bool, body: Callable[[
         signum = getattr(exc, "signum", signal.SIGINT)
         message = f"run {run_dir.path} interrupted by {signal.Signals(signum).name}"
         note = record.end("interrupted", error=message)
-        raise RunInterrupted(f"{message}; {resume_hint}" + (f" ({note})" if note else ""), signum) from None
+        raise RunInterrupted(f"{message} {kept('interrupted', note)}", signum) from None
     except RunFailed as exc:
         restore_signals()
         note = record.end("failed", error=str(exc))
-        raise RunFailed(f"{exc} (run folder {run_dir.path} kept, status failed; {resume_hint})"
-                        + (f"; {note}" if note else "")) from None
+        raise RunFailed(f"{exc} {kept('failed', note)}") from None
     except RespError as exc:
         restore_signals()
         if created:
@@ -204,8 +209,7 @@ def _guarded(run_dir: RunDir, record: RunRecord, created: bool, body: Callable[[
         where = f"{exc.filename}: " if exc.filename else ""
         failed = RunFailed(f"{where}{exc.strerror or exc}")
         note = record.end("failed", error=str(failed))
-        raise RunFailed(f"{failed} (run folder {run_dir.path} kept, status failed; {resume_hint})"
-                        + (f"; {note}" if note else "")) from None
+        raise RunFailed(f"{failed} {kept('failed', note)}") from None
     except BaseException as exc:
         restore_signals()
         record.end("failed", error=f"{type(exc).__name__}: {exc}")

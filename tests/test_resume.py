@@ -277,33 +277,41 @@ def test_disk_full_during_final_save_fails_cleanly_then_resumes(tmp_path, recipe
     assert digest(run) == reference
 
 
-def test_read_only_masks_folder_is_one_line_and_keeps_the_run(tmp_path, recipe_file):
+@pytest.mark.parametrize("whole_folder", [False, True])
+def test_read_only_folder_is_one_line_and_keeps_the_run(tmp_path, recipe_file, whole_folder):
+    """masks/ read-only from step 2 on (run.json still writable: status failed), or the whole run
+    folder (run.json cannot be marked either: the message says so, and the run reads as stale)."""
     run = tmp_path / "run"
+    if not os.path.exists("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd")
 
-    def read_only_masks():
+    def read_only():
         import resp_core.rundir as rd
 
         real = rd._write_all
-        state = {}
+        state = {"on": False}
 
         def write_all(fd, data):
-            path = os.readlink(f"/proc/self/fd/{fd}") if os.path.exists(f"/proc/self/fd/{fd}") else ""
-            if "step_02" in path and "/masks/" in path:
-                state["hit"] = True
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            state["on"] = state["on"] or ("step_02" in path and "/masks/" in path)
+            if state["on"] and (whole_folder or "/masks/" in path):
                 raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
             return real(fd, data)
 
-        rd._write_all = write_all
+        rd._write_all = write_all  # root ignores permission bits: simulate what the OS would say
         return cli(["run", str(recipe_file), "--out", str(run)], tmp_path / "log.txt")()
 
-    if not os.path.exists("/proc/self/fd"):
-        pytest.skip("needs /proc/self/fd")
-    code = in_child(read_only_masks)
+    code = in_child(read_only)
     out = (tmp_path / "log.txt").read_text()
     assert code == 2 and "Traceback" not in out, out
     lines = [ln for ln in out.strip().splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "Read-only file system" in lines[0] and "step_02" in lines[0], out
-    assert json.loads((run / "run.json").read_text())["status"] == "failed"
+    info = json.loads((run / "run.json").read_text())
+    if whole_folder:
+        assert "not marked failed: could not write" in lines[0] and "run.json" in lines[0], out
+        assert info["status"] == "running" and effective_status(info)[0] == "stale"
+    else:
+        assert info["status"] == "failed" and "step_02" in info["error"]
     assert (run / "masks" / "step_01.safetensors").is_file() and not (run / "masks" / "step_02.safetensors").exists()
     assert not [p for p in run.rglob(".*") if ".tmp-" in p.name]
 
