@@ -68,12 +68,38 @@ def _qwen2():
     return Qwen2ForCausalLM(cfg).eval()
 
 
+def _mistral():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(5)
+    cfg = MistralConfig(vocab_size=512, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                        num_attention_heads=8, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+                        sliding_window=5, tie_word_embeddings=False, eos_token_id=2, pad_token_id=0)
+    return MistralForCausalLM(cfg).eval()
+
+
+def _gemma3():
+    """Gemma 3 text model: q/k norms, sandwich norms, query_pre_attn_scalar scaling, scaled
+    embeddings, and sliding-window layers (window 4 < the 9-token inputs) next to full ones."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(6)
+    cfg = Gemma3TextConfig(vocab_size=512, hidden_size=48, intermediate_size=40, num_hidden_layers=4,
+                           num_attention_heads=6, num_key_value_heads=3, head_dim=8, max_position_embeddings=512,
+                           sliding_window=4, query_pre_attn_scalar=8,
+                           layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+                           eos_token_id=2, pad_token_id=0, bos_token_id=1)
+    return Gemma3ForCausalLM(cfg).eval()
+
+
 MODELS = {
     "qwen3_h6_kv3": lambda: _perturb(tiny_qwen3(seed=0, heads=6, kv=3, head_dim=8, hidden=32)),
     "qwen3_h8_kv2": lambda: _perturb(tiny_qwen3(seed=1, heads=8, kv=2, head_dim=8, hidden=32)),
     "qwen3_bias": lambda: _perturb(tiny_qwen3(seed=2, heads=6, kv=3, head_dim=8, hidden=32, bias=True)),
     "llama_gqa": lambda: _perturb(_llama()),
     "qwen2_bias": lambda: _perturb(_qwen2()),
+    "mistral_sliding": lambda: _perturb(_mistral()),
+    "gemma3_sliding": lambda: _perturb(_gemma3()),
 }
 
 
@@ -90,6 +116,12 @@ def test_model_zoo_geometry():
     assert a.geometry.heads_per_group == 3
     a = adapter_for(MODELS["llama_gqa"]())
     assert a.family == "llama" and a.geometry.heads_per_group == 4
+    a = adapter_for(MODELS["mistral_sliding"]())
+    assert a.family == "mistral" and a.model.config.sliding_window == 5
+    a = adapter_for(MODELS["gemma3_sliding"]())
+    assert a.family == "gemma3_text" and a.geometry.heads_per_group == 2
+    assert a.model.config.layer_types[:2] == ["sliding_attention", "full_attention"]
+    assert all(hasattr(layer, "pre_feedforward_layernorm") for layer in a.layers)  # sandwich norms
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,7 +256,7 @@ def test_kept_parameter_count_matches_compacted(model_name, mask_name, tmp_path_
 
 
 @pytest.mark.parametrize("mask_name", ["q_uneven", "attn_all", "layer_ends", "mixed"])
-@pytest.mark.parametrize("model_name", ["qwen3_h6_kv3", "qwen3_h8_kv2", "qwen2_bias", "llama_gqa"])
+@pytest.mark.parametrize("model_name", ["qwen3_h6_kv3", "qwen3_h8_kv2", "qwen2_bias", "llama_gqa", "gemma3_sliding"])
 def test_greedy_generation_with_cache(model_name, mask_name, tmp_path_factory):
     """Cached decoding of the reloaded model (kv_index gathers, EmptyAttention in the cache -- in
     'attn_all' the *first* layer has no heads, so it is the cache layer transformers reads lengths
