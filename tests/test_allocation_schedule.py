@@ -742,3 +742,19 @@ def test_run_refuses_an_unreachable_target(tmp_path, tiny_model_dir):
     with pytest.raises(RespError, match=r"^structures\.min_keep: 1000000 keeps every unit"):
         _run(recipe, out)
     assert not out.exists()
+
+
+def test_structures_from_config_alone(tiny_model_dir):
+    """Validation before any weight loads: the structures built from config.json on the meta
+    device equal the loaded model's, and an unreachable plan is refused from them."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from resp_core.model.structures import structures_from_config
+
+    spec = StructureSpec(attention="q_head", protect_rounding="floor", sparsity_basis="all_blocks")
+    meta = structures_from_config(AutoConfig.from_pretrained(tiny_model_dir), spec)
+    real = build_structures(adapter_for(AutoModelForCausalLM.from_pretrained(tiny_model_dir)), spec)
+    assert meta.geometry == real.geometry and torch.equal(meta.prunable_layers, real.prunable_layers)
+    assert all(torch.equal(meta.costs[k], real.costs[k]) for k in real.costs)
+    with pytest.raises(RespError, match="^schedule.params.target"):
+        check_plan(meta, _steps(target=0.9, steps=2))
