@@ -55,6 +55,7 @@ from .model.adapter import DecoderAdapter, adapter_for
 from .model.compaction import compacted_copy, save_compacted, save_pruned
 from .model.masks import MaskSet, apply_mask, kept_parameter_count, sparsity_of, sparsity_report
 from .model.structures import build_structures, check_plan
+from .init_from import load_init_point
 from .recipe import ResolvedRecipe, dump_recipe
 from .rundir import (CHECKPOINT_DIR, RunDir, RunRecord, atomic_file, atomic_write_text, kill_point, rng_state,
                      seed_everything, set_rng_state, sha256_file, source_commit, write_json, write_jsonl)
@@ -227,6 +228,7 @@ def _run(resolved: ResolvedRecipe, run_dir: RunDir, record: RunRecord, model, to
     steps = resolved.schedule.steps()
     # a target (or measured milestone) the structures cannot reach: one line, before anything runs
     check_plan(ctx.structures, steps, getattr(getattr(resolved.allocator, "params", None), "budget", "parameters"))
+    init = load_init_point(recipe.init_from, ctx.adapter, ctx.structures) if recipe.init_from else None
     if checkpoint is None:
         seed_everything(recipe.seed)
         atomic_write_text(run_dir.file("recipe.yaml"), dump_recipe(recipe))
@@ -239,6 +241,8 @@ def _run(resolved: ResolvedRecipe, run_dir: RunDir, record: RunRecord, model, to
             "prunable_parameters": ctx.structures.prunable_parameter_total(),
             "protected_layers": [i for i, p in enumerate(ctx.structures.prunable_layers.tolist()) if not p],
             **({"process": record.info["process"]} if "process" in record.info else {}),
+            "mode": recipe.mode, **({"protocol": recipe.protocol()} if recipe.mode == "paper" else {}),
+            **({"init_from": init.record()} if init is not None else {}),
         }
     else:
         dense_params = record.info["dense_parameters"]
@@ -267,6 +271,16 @@ def _run(resolved: ResolvedRecipe, run_dir: RunDir, record: RunRecord, model, to
         write_jsonl(run_dir.file("calibration", f"generation_{generation:02d}.jsonl"), _calibration_rows(samples))
         trace_stats = _trace_stats(samples)
         mask = ctx.mask
+        if init is not None:  # a saved run's mask (resp_core/init_from.py), then its milestone's regeneration
+            apply_mask(ctx.adapter, init.mask)
+            mask = ctx.mask = init.mask
+            rho = init.regenerate_fraction(steps)
+            progress.log(f"starting from {init.path} (sparsity {init.sparsity:.3f}); regenerating {rho:.0%} of the traces")
+            if rho > 0 and resolved.calibration.regenerable:
+                samples = resolved.calibration.regenerate(ctx, samples, rho)
+                generation += 1
+                write_jsonl(run_dir.file("calibration", f"generation_{generation:02d}.jsonl"), _calibration_rows(samples))
+                trace_stats = _trace_stats(samples)
         first = 1
         save_checkpoint(run_dir, 0, len(steps), mask, model if edits_weights else None, generation,
                         result.rows, trace_stats, resolved.calibration)
@@ -280,7 +294,7 @@ def _run(resolved: ResolvedRecipe, run_dir: RunDir, record: RunRecord, model, to
     costs = ctx.structures.costs
     previous = sparsity_of(mask, ctx.structures)  # measured before the next step (milestones crossed)
     for k, step in enumerate(steps, start=1):
-        if k < first:
+        if k < first or (init is not None and init.skips(step)):  # done, or at/below init_from's point
             continue
         ctx.step, ctx.target = k, step.sparsity
         calib = CalibrationSet(samples, tokenizer.pad_token_id)

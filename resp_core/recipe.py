@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import RespError
 from .model.structures import StructureSpec
@@ -124,6 +124,9 @@ class SharedSections(_Strict):
 
     name: str = Field(max_length=120)
     seed: Seed = 0
+    # paper: the authors' protocol for every setting the recipe leaves unset (resp_core/paper.py)
+    mode: Literal["default", "paper"] = "default"
+    _protocol: dict = PrivateAttr(default_factory=dict)  # what mode: paper filled in / kept
 
     @field_validator("name")
     @classmethod
@@ -138,8 +141,13 @@ class SharedSections(_Strict):
     generator: PluginRef = Field(default_factory=lambda: PluginRef(name="hf"))
     calibration: PluginRef
 
+    def protocol(self) -> dict:
+        """``mode: paper``'s record: ``{"applied": {field: value}, "kept": {field: {recipe, paper}}}``."""
+        return dict(self._protocol)
+
 
 class Recipe(SharedSections):
+    init_from: str | None = Field(None, min_length=1)  # a saved run's mask to start from (resp_core/init_from.py)
     scorer: PluginRef
     allocator: PluginRef = Field(default_factory=lambda: PluginRef(name="global"))
     schedule: PluginRef
@@ -298,10 +306,18 @@ def parse_recipe(text: str | dict, source: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
         got = "nothing" if data is None else type(data).__name__
         raise RespError(f"{source}: a recipe must be a YAML mapping, got {got}")
+    report = None
+    if data.get("mode") == "paper":
+        from .paper import apply_to_recipe
+
+        data, report = apply_to_recipe(data)
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise RespError(f"{source}: {_first_error(exc)}") from None
+    if report is not None:
+        recipe._protocol = report.to_json()
+    return recipe
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -366,6 +382,10 @@ def _resolve(recipe: Recipe, registry: Registry | None = None) -> ResolvedRecipe
 
     reg = registry or get_registry()
     info = check_model(recipe.model)
+    if recipe.init_from:
+        from .init_from import check_init_from
+
+        check_init_from(recipe.init_from)
     build = lambda kind, ref, path: reg.create(kind, ref.name, ref.params, path)  # noqa: E731
     task = build("task", recipe.task, "task")
     generator = build("generator", recipe.generator, "generator")

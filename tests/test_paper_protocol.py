@@ -265,3 +265,206 @@ def test_compare_oneshot_takes_no_schedule_fields(tmp_path, tiny_model_dir):
     methods[0]["schedule"] = {"name": "cosine"}
     result = runner.invoke(app, ["validate", str(write(tmp_path, compare_recipe(tiny_model_dir, methods=methods)))])
     assert result.exit_code == 2 and "methods[0].schedule.name: 'cosine' is not one of progressive, oneshot" in result.output
+
+
+# --------------------------------------------------------------------------------------------------
+# init_from: a run continues from a saved run's mask (the paper's Table 3 path)
+# --------------------------------------------------------------------------------------------------
+
+
+def _run_dict(model_dir, **over) -> dict:
+    recipe = {
+        "name": "tiny", "seed": 0, "model": {"path": str(model_dir)}, "task": {"name": "testbed_arith"},
+        "structures": {"attention": "q_head", "mlp": "channel"},
+        "generator": {"name": "hf", "params": {"batch_size": 8}},
+        "calibration": {"name": "self_generated", "params": {"num_samples": 4, "sampling": {"max_new_tokens": 6}}},
+        "scorer": {"name": "resp"},
+        "schedule": {"name": "progressive", "params": {"target": 0.4, "steps": 4, "milestones": [0.2, 0.4],
+                                                        "regenerate_fraction": 0.0}},
+        "evaluation": {"evaluate_dense": False, "evaluators": []},
+        "output": {"save_model": False},
+    }
+    recipe.update(over)
+    return recipe
+
+
+def _cli_run(tmp_path, recipe: dict, out):
+    import yaml
+    from typer.testing import CliRunner
+
+    from resp_core.cli import app
+
+    path = tmp_path / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return CliRunner().invoke(app, ["run", str(path), "--out", str(out)])
+
+
+def _mask(path):
+    from safetensors.torch import load_file
+
+    return {k: v.bool() for k, v in load_file(str(path)).items()}
+
+
+def test_init_from_continues_after_the_saved_milestone(tmp_path, tiny_model_dir):
+    import json
+
+    base = tmp_path / "base"
+    assert _cli_run(tmp_path, _run_dict(tiny_model_dir), base).exit_code == 0
+    saved = base / "masks" / "milestone_0.20.safetensors"
+    # rho = 0 from the saved 20% mask: the same path as the source run from there on
+    same = tmp_path / "rho0"
+    result = _cli_run(tmp_path, _run_dict(tiny_model_dir, init_from=str(saved)), same)
+    assert result.exit_code == 0, result.output
+    info = json.loads((same / "run.json").read_text())
+    assert info["init_from"]["milestone"] == 0.2 and info["init_from"]["position"] == 0.2
+    assert info["init_from"]["source_step"] == "2" and info["init_from"]["source_name"] == "tiny"
+    assert sorted(p.name for p in (same / "masks").iterdir()) == [
+        "milestone_0.40.safetensors", "step_03.safetensors", "step_04.safetensors"]  # steps 0.1, 0.2 skipped
+    for name in ("step_03.safetensors", "step_04.safetensors"):
+        a, b = _mask(same / "masks" / name), _mask(base / "masks" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (same / "calibration" / "generation_00.jsonl").read_text() == (base / "calibration" / "generation_00.jsonl").read_text()
+    assert not (same / "calibration" / "generation_01.jsonl").exists()
+    # rho = 0.5 at the saved milestone: half the traces regenerated once by the 20% model, then on to 40%
+    half = tmp_path / "rho05"
+    sched = _run_dict(tiny_model_dir)["schedule"]
+    sched["params"]["regenerate_overrides"] = {0.2: 0.5}
+    result = _cli_run(tmp_path, _run_dict(tiny_model_dir, init_from=str(saved), schedule=sched), half)
+    assert result.exit_code == 0, result.output
+    g0 = [json.loads(x) for x in (half / "calibration" / "generation_00.jsonl").read_text().splitlines()]
+    g1 = [json.loads(x) for x in (half / "calibration" / "generation_01.jsonl").read_text().splitlines()]
+    assert sum(a["target_ids"] != b["target_ids"] or a["meta"] != b["meta"] for a, b in zip(g0, g1)) == 2
+    start = _mask(saved)
+    step3 = _mask(half / "masks" / "step_03.safetensors")
+    assert all(bool((~step3[k] | start[k]).all()) for k in start)  # nested on the saved mask
+    assert not (half / "metrics.json").exists() or all(r["target"] > 0.2 for r in json.loads((half / "metrics.json").read_text()))
+
+
+def test_init_from_bad_inputs_are_one_line(tmp_path, tiny_model_dir):
+    from test_compare import runner, write  # noqa: F401  (CLI helpers)
+
+    missing = tmp_path / "runs" / "x" / "masks" / "milestone_0.30.safetensors"
+    out = tmp_path / "bad"
+    result = _cli_run(tmp_path, _run_dict(tiny_model_dir, init_from=str(missing)), out)
+    assert result.exit_code == 2 and "init_from:" in result.output and "does not exist" in result.output
+    assert not out.exists()
+    # a mask made for another geometry
+    from resp_core.model.adapter import Geometry
+    from resp_core.model.masks import MaskSet
+
+    other = tmp_path / "other.safetensors"
+    MaskSet.full(Geometry(2, 16, 4, 2, 4, 24)).save(other, {"target": 0.2})
+    result = _cli_run(tmp_path, _run_dict(tiny_model_dir, init_from=str(other)), out)
+    assert result.exit_code == 2 and "other.safetensors" in result.output and not out.exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# mode: paper
+# --------------------------------------------------------------------------------------------------
+
+
+def test_paper_mode_fills_what_the_recipe_leaves_unset():
+    from resp_core.recipe import parse_recipe
+
+    data = {"name": "x", "mode": "paper", "task": {"name": "gsm8k"},
+            "structures": {"attention": "kv_group"},  # explicit: kept, reported
+            "calibration": {"name": "task_data", "params": {"num_samples": 8}},
+            "scorer": {"name": "gisp", "params": {"loss": "full"}},  # explicit: kept, reported
+            "schedule": {"name": "progressive", "params": {"target": 0.4, "milestones": [0.2, 0.3]}},
+            "evaluation": {"evaluators": [{"name": "lm_eval"}]}}
+    r = parse_recipe(data)
+    assert (r.structures.attention, r.structures.sparsity_basis, r.structures.protect_rounding) == \
+        ("kv_group", "all_blocks", "floor")
+    assert r.scorer.params == {"loss": "full", "reduction": "sample_mean"}
+    assert r.task.params == {"prompt_suffix": "", "reference_annotations": "keep"}
+    assert r.schedule.params["step_size"] == 0.00625 and r.schedule.params["milestones_on"] == "reached"
+    assert r.evaluation.evaluators[0].params["tasks"] == ["resp_gsm8k_cot_paper"]
+    assert r.allocator.name == "global"
+    proto = r.protocol()
+    assert proto["kept"] == {"structures.attention": {"recipe": "kv_group", "paper": "q_head"},
+                             "scorer.params.loss": {"recipe": "full", "paper": "decode"}}
+    assert proto["applied"]["structures.sparsity_basis"] == "all_blocks"
+    assert proto["applied"]["scorer.params.reduction"] == "sample_mean"
+    # default mode: nothing filled
+    plain = parse_recipe(dict(data, mode="default"))
+    assert plain.structures.sparsity_basis == "prunable_blocks" and plain.protocol() == {}
+    # a spacing the recipe sets is kept (steps and step_size are one setting)
+    data["schedule"]["params"]["steps"] = 4
+    r = parse_recipe(data)
+    assert "step_size" not in r.schedule.params and r.schedule.params["steps"] == 4
+    assert r.protocol()["kept"]["schedule.params.step_size"] == {"recipe": {"steps": 4}, "paper": 0.00625}
+
+
+def test_paper_mode_wanda_gets_the_authors_protocol():
+    from resp_core.compare import parse_compare
+    from resp_core.recipe import parse_recipe
+
+    run = parse_recipe({"name": "w", "mode": "paper", "calibration": {"name": "task_data"},
+                        "scorer": {"name": "wanda_sp"}, "schedule": {"name": "oneshot", "params": {"target": 0.2}}})
+    assert run.allocator.name == "uniform" and run.scorer.params == {"sequential": True}
+    assert run.calibration.params["pack"] == 256
+    cmp = parse_compare({"name": "c", "mode": "paper", "calibration": {"name": "task_data", "params": {"num_samples": 8}},
+                         "sparsities": [0.2, 0.3], "evaluators": [{"name": "task_accuracy"}],
+                         "methods": [{"label": "Wanda", "scorer": {"name": "wanda_sp"}},
+                                     {"label": "GISP", "scorer": {"name": "gisp"}},
+                                     {"label": "RESP", "scorer": {"name": "resp"}, "schedule": {"steps": 3}}]}, "c")
+    wanda, gisp, resp = cmp.methods
+    assert wanda.schedule == {"name": "oneshot"} and wanda.allocator.name == "uniform"
+    assert wanda.calibration.params == {"num_samples": 8, "format": "chat", "enable_thinking": True, "pack": 256}
+    assert wanda.scorer.params == {"sequential": True}
+    assert gisp.calibration is None and gisp.scorer.params == {"reduction": "sample_mean", "loss": "decode"}
+    assert gisp.schedule == {"step_size": 0.00625, "milestones_on": "reached"}
+    assert resp.schedule == {"steps": 3, "milestones_on": "reached"}
+    kept = cmp.protocol()["kept"]
+    assert kept["methods[2].schedule.step_size"] == {"recipe": {"steps": 3}, "paper": 0.00625}
+
+
+def test_paper_mode_is_recorded_in_the_run(tmp_path, tiny_model_dir):
+    import json
+
+    import yaml
+
+    out = tmp_path / "paper"
+    recipe = _run_dict(tiny_model_dir, mode="paper", calibration={"name": "task_data", "params": {"num_samples": 4}},
+                       scorer={"name": "gisp"})
+    result = _cli_run(tmp_path, recipe, out)
+    assert result.exit_code == 0, result.output
+    info = json.loads((out / "run.json").read_text())
+    assert info["mode"] == "paper"
+    assert info["protocol"]["applied"]["scorer.params.loss"] == "decode"
+    assert "structures.attention" not in info["protocol"]["kept"]  # explicit and equal to the authors'
+    assert info["protocol"]["kept"]["schedule.params.step_size"] == {"recipe": {"steps": 4}, "paper": 0.00625}
+    saved = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert saved["mode"] == "paper" and saved["structures"]["sparsity_basis"] == "all_blocks"
+    assert saved["scorer"]["params"]["reduction"] == "sample_mean"
+
+
+def test_compare_method_starts_from_an_earlier_methods_milestone(tmp_path, tiny_model_dir):
+    import json
+
+    from test_compare import compare_recipe, runner, write
+
+    from resp_core.cli import app
+
+    self_gen = {"name": "self_generated", "params": {"num_samples": 4, "sampling": {"max_new_tokens": 6}}}
+    methods = [{"label": "RESP w/o regen", "scorer": {"name": "resp"}, "calibration": self_gen},
+               {"label": "rho=0.5", "scorer": {"name": "resp"}, "calibration": self_gen,
+                "init_from": {"method": "RESP w/o regen", "milestone": 0.2},
+                "schedule": {"regenerate_fraction": 0.0, "regenerate_overrides": {0.2: 0.5}}}]
+    recipe = compare_recipe(tiny_model_dir, methods=methods, seeds=(0,))
+    recipe["mode"] = "paper"
+    recipe["steps"] = 2
+    out = tmp_path / "t3"
+    result = runner.invoke(app, ["compare", str(write(tmp_path, recipe)), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    info = json.loads((out / "runs" / "rho-0-5" / "run.json").read_text())
+    assert info["init_from"]["path"] == str(out / "runs" / "resp-w-o-regen" / "masks" / "milestone_0.20.safetensors")
+    assert info["mode"] == "paper" and info["protocol"]["applied"]["scorer.params.reduction"] == "sample_mean"
+    assert "structures.sparsity_basis" in info["protocol"]["applied"]
+    assert (out / "runs" / "rho-0-5" / "calibration" / "generation_01.jsonl").is_file()
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert sorted(r["target"] for r in rows if r["method"] == "rho=0.5") == [0.4]
+    # a method may only start from one listed before it, at one of the sparsities
+    bad = dict(recipe, methods=[methods[1], methods[0]])
+    result = runner.invoke(app, ["validate", str(write(tmp_path, bad))])
+    assert result.exit_code == 2 and "methods[0].init_from.method: 'RESP w/o regen' is not a method listed before" in result.output
