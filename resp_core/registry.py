@@ -49,6 +49,7 @@ BUILTIN_PLUGINS = (
     "resp_plugins.schedules.progressive",
     "resp_plugins.evaluators.task_accuracy",
     "resp_plugins.evaluators.lm_eval_harness",
+    "resp_plugins.evaluators.perplexity",
 )
 
 # kind (as written in recipes and `respctl plugins`) -> hook name
