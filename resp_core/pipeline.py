@@ -240,6 +240,7 @@ def _run(resolved: ResolvedRecipe, run_dir: RunDir, record: RunRecord, model, to
             "dense_parameters": dense_params,
             "prunable_parameters": ctx.structures.prunable_parameter_total(),
             "protected_layers": [i for i, p in enumerate(ctx.structures.prunable_layers.tolist()) if not p],
+            "plugins": resolved.plugin_versions(),
             **({"process": record.info["process"]} if "process" in record.info else {}),
             "mode": recipe.mode, **({"protocol": recipe.protocol()} if recipe.mode == "paper" else {}),
             **({"init_from": init.record()} if init is not None else {}),

@@ -338,6 +338,23 @@ class ResolvedRecipe:
     evaluators: list[tuple[str, Any]]
     registry: Registry
 
+    def components(self) -> list[tuple[str, str]]:
+        """``(kind, name)`` of every implementation the run uses, the tasks that calibration
+        sources and evaluators name in their params included."""
+        r = self.recipe
+        out = [("task", r.task.name), ("generator", r.generator.name), ("calibration", r.calibration.name),
+               ("scorer", r.scorer.name), ("allocator", r.allocator.name), ("schedule", r.schedule.name)]
+        out += [("evaluator", name) for name, _ in self.evaluators]
+        for obj in [self.calibration] + [ev for _, ev in self.evaluators]:
+            task = getattr(getattr(obj, "params", None), "task", None)
+            if isinstance(task, str):
+                out.append(("task", task))
+        return out
+
+    def plugin_versions(self) -> list[dict]:
+        """Which distribution (name and version) supplied each component: recorded in run.json."""
+        return self.registry.provenance(self.components())
+
 
 def check_model_path(path: str) -> None:
     """The model ``path`` exists and holds a supported model (see :mod:`resp_core.preflight`)."""
