@@ -26,6 +26,9 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
 testbed_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                           help="The shipped reasoning testbed: train or evaluate it.")
 app.add_typer(testbed_app, name="testbed")
+plugin_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                         help="Write a new third-party plugin package.")
+app.add_typer(plugin_app, name="plugin")
 
 console = make_console()
 err_console = make_console(stderr=True)
@@ -255,6 +258,19 @@ def plugins(verbose: bool = typer.Option(False, "--verbose", "-v", help="Also sh
             table.add_row(*row)
     console.print(table)
     _warn_plugin_failures()
+
+
+@plugin_app.command("new")
+@user_errors
+def plugin_new(name: str = typer.Argument(..., help="The implementation's name, as recipes will use it (e.g. my_fisher)."),
+               out: Optional[Path] = typer.Option(None, "--out", "-o", help="Package folder (must not exist; "
+                                                  "default ./resp-NAME).")):
+    """Write a plugin package: a scorer with bounded parameters, its entry point, and a test."""
+    from .scaffold import scaffold_plugin
+
+    folder = scaffold_plugin(name, out)
+    console.print(f"wrote the plugin package {folder}: install it with `pip install -e {folder}`, check it with "
+                  f"`respctl plugins | grep {name}` and `pytest {folder}/tests`", highlight=False, soft_wrap=True)
 
 
 SHIPPED_CYCLES = "1500@3e-3,1000@2e-3,1000@1.5e-3"

@@ -59,7 +59,7 @@ from pydantic import Field
 from resp_core import hookimpl
 from resp_core.interfaces import CalibrationSet, Params, RunContext, Scorer, Scores
 from resp_core.model.adapter import DecoderAdapter
-from resp_core.scoring import accumulate_gradients, normalize_scores, release_gradients
+from resp_core.scoring import accumulate_gradients, check_scores, normalize_scores, release_gradients
 
 PARTS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -174,7 +174,7 @@ class LLMPrunerScorer(Scorer):
         mean_loss = None
         if p.taylor != "param_second":
             mean_loss = accumulate_gradients(ctx.model, adapter, calibration, p.loss, p.batch_size, ctx.progress,
-                                             description=f"Scoring (llm_pruner, {p.loss} loss)")
+                                             description=f"Scoring (llm_pruner, {p.loss} loss)", step=ctx.step)
         g = adapter.geometry
         out = {"q_head": [], "kv_group": [], "mlp_channel": [], "layer": []}
         with torch.no_grad():
@@ -195,6 +195,7 @@ class LLMPrunerScorer(Scorer):
         release_gradients(adapter)
         raw = {kind: torch.stack(v) for kind, v in out.items()}
         values = normalize_scores(raw, p.normalize, adapter, ctx.structures.costs)
+        check_scores(values, ctx.step, ctx.structures, ctx.mask, scorer="llm_pruner")
         stats = {"calibration_loss": torch.tensor([mean_loss])} if mean_loss is not None else {}
         return Scores(values, stats)
 

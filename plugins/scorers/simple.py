@@ -33,7 +33,7 @@ import torch
 from resp_core import hookimpl
 from resp_core.interfaces import CalibrationSet, Params, RunContext, Scorer, Scores
 from resp_core.model.structures import UNIT_KINDS
-from resp_core.scoring import aggregate, normalize_scores, weight_map
+from resp_core.scoring import aggregate, check_scores, normalize_scores, weight_map
 
 
 class MagnitudeScorer(Scorer):
@@ -54,7 +54,9 @@ class MagnitudeScorer(Scorer):
         else:
             raw = aggregate(adapter, lambda i: weight_map(adapter, i, lambda lin: lin.weight.float() ** 2))
             raw = {k: v.sqrt() for k, v in raw.items()}
-        return Scores(normalize_scores(raw, self.params.normalize, adapter, ctx.structures.costs))
+        values = normalize_scores(raw, self.params.normalize, adapter, ctx.structures.costs)
+        check_scores(values, ctx.step, ctx.structures, ctx.mask, scorer="magnitude")
+        return Scores(values)
 
 
 class RandomScorer(Scorer):

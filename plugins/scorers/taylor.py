@@ -19,7 +19,7 @@ what is ours:
   one long trace per batch, and divide the gradient by the sample count.  ``token_mean`` (ours)
   is one token-weighted mean over the whole set.  The two are **not** equivalent: with traces of
   different lengths each sample's gradient is weighted 1/|T_s| in one and 1 in the other, so the
-  gradients are not proportional and rankings can differ (tests/test_scoring.py pins both).
+  gradients are not proportional and rankings can differ (tests/test_scoring_pass.py pins both).
 * Normalization (``normalize: block_constant``, default): the authors divide every score of a
   block type by one constant — a query head by 4·head_dim·hidden, an MLP channel by
   3·intermediate (``structural_size``) — and shift scores to be non-negative (ours already are).
