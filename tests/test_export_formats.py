@@ -137,6 +137,25 @@ print(json.dumps(out))
         torch.testing.assert_close(torch.tensor(got[fmt]), ref, atol=TOL, rtol=0)
     assert got["compacted"].startswith("ValueError") and "resp_pruned_qwen3" in got["compacted"]
 
+    # `import resp_core` first (it does not import transformers): the Auto classes know the type
+    script = f"""
+import json, sys, torch
+import resp_core
+assert "transformers" not in sys.modules
+from transformers import AutoModelForCausalLM
+inp = torch.load({str(tmp_path / 'inputs.pt')!r})
+m = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r} + "/compacted").eval()
+with torch.no_grad():
+    out = m(input_ids=inp["ids"], attention_mask=inp["att"]).logits[inp["att"].bool()].tolist()
+print(json.dumps({{"cls": type(m).__name__, "logits": out}}))
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["cls"] == "RespPrunedQwen3ForCausalLM"
+    torch.testing.assert_close(torch.tensor(got["logits"]), ref, atol=TOL, rtol=0)
+
 
 def test_uniform_refusals_are_one_line():
     dense = MODELS["llama_gqa"]()
