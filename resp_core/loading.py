@@ -8,7 +8,7 @@
 * a GGUF file (``path/to/model.gguf``), or a folder / hub id together with ``model.gguf_file``.
   GGUF weights are dequantized by transformers' own GGUF support
   (``from_pretrained(folder, gguf_file=NAME)``; needs the ``gguf`` and ``accelerate`` packages,
-  ``pip install 'resp[gguf]'``), to ``model.dtype``.  ``respctl convert`` writes such a model as a
+  ``pip install 'resp-pruning[gguf]'``), to ``model.dtype``.  ``respctl convert`` writes such a model as a
   normal safetensors folder, which loads faster and anywhere.
 
 Every problem is one :class:`RespError` line naming the field: a missing or empty folder, one
@@ -98,7 +98,7 @@ def check_gguf_file(path: Path, field: str = "model.path") -> None:
     missing = [p for p in GGUF_PACKAGES if importlib.util.find_spec(p) is None]
     if missing:
         raise RespError(f"{field}: reading a GGUF file needs the {' and '.join(repr(m) for m in missing)} "
-                        f"package{'s' if len(missing) > 1 else ''}: pip install 'resp[gguf]'")
+                        f"package{'s' if len(missing) > 1 else ''}: pip install 'resp-pruning[gguf]'")
 
 
 def _first_line(exc: BaseException) -> str:
