@@ -134,6 +134,13 @@ class Generator(ABC):
         Optional: backends that only take conversations leave it unimplemented."""
         raise NotImplementedError(f"{type(self).__name__} generates from conversations only")
 
+    def before_scoring(self) -> None:
+        """Called by the pipeline right before each scoring pass: a backend that holds GPU memory
+        of its own (vLLM's KV cache) may release it while gradients are computed."""
+
+    def after_scoring(self) -> None:
+        """Called right after each scoring pass (also when it failed)."""
+
 
 # --------------------------------------------------------------------------------------------------
 # Calibration

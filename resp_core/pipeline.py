@@ -299,7 +299,11 @@ def _run(resolved: ResolvedRecipe, run_dir: RunDir, record: RunRecord, model, to
             continue
         ctx.step, ctx.target = k, step.sparsity
         calib = CalibrationSet(samples, tokenizer.pad_token_id)
-        scores = resolved.scorer.score(ctx, calib)
+        resolved.generator.before_scoring()  # e.g. vLLM frees its KV cache while gradients are computed
+        try:
+            scores = resolved.scorer.score(ctx, calib)
+        finally:
+            resolved.generator.after_scoring()
         kill_point("score")
         resolved.allocator.prepare(ctx, calib)
         new_mask = resolved.allocator.allocate(scores, ctx.structures, mask, step.sparsity)
