@@ -81,7 +81,13 @@ def test_gsm8k_first_item(gsm_test):
     content = it.messages[0]["content"]
     assert content.startswith("Janet\u2019s ducks lay 16 eggs per day.")
     assert content.endswith("\nPlease reason step by step, and put your final answer within \\boxed{}.")
+    # the human solution as published, calculator annotations kept (the authors' gold calibration)
     assert it.reference == (
+        "Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.\n"
+        "She makes 9 * 2 = $<<9*2=18>>18 every day at the farmer\u2019s market.\n#### 18"
+    )
+    stripped = g.GSM8K(g.GSM8K.Params(data_dir=str(GSM8K_DIR), reference_annotations="strip")).items("test", None, 0)[0]
+    assert stripped.id == it.id and stripped.reference == (
         "Janet sells 16 - 3 - 4 = 9 duck eggs a day.\n"
         "She makes 9 * 2 = $18 every day at the farmer\u2019s market.\n#### 18"
     )
@@ -95,7 +101,7 @@ def test_gsm8k_gold_answers_are_numbers(gsm, split):
         assert "," not in it.answer, it.id
         assert math.isfinite(float(it.answer)), it.id
         assert g.normalize_number(it.answer) == it.answer, it.id
-        assert "<<" not in it.reference and ">>" not in it.reference, it.id
+        assert "<<" not in g._reference(it.reference, "strip"), it.id
         assert it.reference.splitlines()[-1].startswith("#### "), it.id
     # the comma-separated golds of the file are normalized
     raw = [json.loads(line)["answer"] for line in open(GSM8K_DIR / f"{split}.jsonl", encoding="utf-8")]
@@ -218,7 +224,7 @@ def test_gsm8k_small_local_folder(tmp_path):
     items = g.GSM8K(g.GSM8K.Params(data_dir=str(tmp_path), prompt_suffix=" Go.")).items("train", None, 0)
     assert [it.answer for it in items] == ["1", "2", "3", "4", "5"]
     assert items[2].messages[0]["content"] == "What is 2+1? Go."
-    assert items[2].reference == "2+1=3\n#### 3"
+    assert items[2].reference == "2+1=<<2+1=3>>3\n#### 3"
 
 
 def test_gsm8k_hub_failure_is_one_line_resp_error(monkeypatch):
@@ -240,7 +246,7 @@ def test_gsm8k_hub_rows(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets",
                         types.SimpleNamespace(load_dataset=lambda *a, **k: rows))
     (it,) = g.GSM8K().items("train", None, 0)
-    assert (it.id, it.answer, it.reference) == ("gsm8k-train-0", "2", "x 2\n#### 2")
+    assert (it.id, it.answer, it.reference) == ("gsm8k-train-0", "2", "x <<1+1=2>>2\n#### 2")
 
 
 # --------------------------------------------------------------------------------------------------
