@@ -431,7 +431,6 @@ class LmEvalHarness(Evaluator):
         return lm, results
 
     def evaluate(self, ctx: RunContext) -> EvalResult:
-        p = self.params
         if ctx.generator is None or ctx.tokenizer is None:
             raise RespError("lm_eval: the run context has no generator/tokenizer")
         self.check_recipe(None, "evaluator")
