@@ -241,25 +241,27 @@ def gradient_pass(model, adapter: DecoderAdapter, calibration: CalibrationSet, l
         with progress.task(description, total=len(batches)) as advance, \
                 _checkpointed(adapter.layers, gradient_checkpointing):
             for k, (batch, n_tok) in enumerate(zip(batches, counts), start=1):
-                target = batch.labels[:, 1:].to(device)
+                target = batch.labels[:, 1:]
                 where = target != -100  # [B, T-1]: positions whose next token carries a loss
                 if not bool(where.any()):
                     advance(1)
                     continue
                 ids, att = batch.input_ids.to(device), batch.attention_mask.to(device)
                 hidden = body(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state
-                picked = hidden[:, :-1][where]  # [N, hidden]: only the labelled positions
+                out_dev = hidden.device  # the last layers' device when a model spans several
+                picked = hidden[:, :-1][where.to(out_dev)]  # [N, hidden]: only the labelled positions
                 del hidden
                 logits = adapter.output_logits(picked)  # [N, V]
                 if logits.dtype in _LOW_PRECISION:
                     logits = logits.float()  # the loss in float32, as transformers' own loss does
-                nll = torch.nn.functional.cross_entropy(logits, target[where], reduction="none")
+                nll = torch.nn.functional.cross_entropy(logits, target[where].to(logits.device), reduction="none")
                 del logits, picked  # nothing vocabulary-sized stays referenced but what autograd saved
                 if reduction == "token_mean":
                     objective = nll.sum() / total_tokens
-                else:
-                    row_w = 1.0 / (n_tok.clamp_min(1).to(device=device, dtype=nll.dtype) * n_samples)
-                    objective = (nll * row_w[:, None].expand_as(where)[where]).sum()
+                else:  # each sample's tokens weigh 1 / (its target count · samples with targets)
+                    row_w = 1.0 / (n_tok.clamp_min(1).to(torch.float64) * n_samples)
+                    tok_w = row_w[:, None].expand_as(where)[where].to(device=nll.device, dtype=nll.dtype)
+                    objective = (nll * tok_w).sum()
                 value = float(objective.detach())
                 if not math.isfinite(value):
                     site = _first_nonfinite_site(adapter, body, ids, att)
