@@ -151,6 +151,7 @@ class RespLM(HFLM):
                 raise RespError("RespLM needs the tokenizer of the in-memory model")
             self._source = None
         had_pad = tokenizer.pad_token
+        self.thinking = enable_thinking
         with _quiet_hflm():
             # thinking reaches the chat template through chat_template_args: HFLM's own
             # enable_thinking would also refuse every loglikelihood task
@@ -167,7 +168,6 @@ class RespLM(HFLM):
             generator.bind(pretrained, tokenizer)
         self.generator = generator
         self.defaults = sampling or self._sampling_from_generation_config(pretrained)
-        self.thinking = enable_thinking
         self.stop_mode = stop_strings
         self.task_stop_modes = dict(task_stop_strings or {})
         self.seed = int(seed)
