@@ -359,7 +359,7 @@ def pruned_config(base_config, record: dict):
     check_supported(family)
     d = base_config.to_dict()
     for k in ("model_type", "architectures", "resp_pruning", "transformers_version",
-              "_attn_implementation_autoset", "_name_or_path"):
+              "_attn_implementation_autoset", "_name_or_path", "quantization_config"):  # GGUF: dequantized
         d.pop(k, None)
     kept = [r["source_layer"] for r in record["layers"]]
     d["num_hidden_layers"] = len(kept)
