@@ -214,6 +214,8 @@ def build_registry(extra_plugins: tuple = ()) -> Registry:
                 raise
             reg.failures.append((ep.name, f"failed to load ({label}): {_describe(exc)}"))
     for plugin in extra_plugins:
+        if pm.is_registered(plugin):  # already found through its entry point
+            continue
         origins[pm.register(plugin)] = ("registered in code", None, None)
 
     for kind, hook_name in KINDS.items():

@@ -150,22 +150,39 @@ def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
     assert proc.stderr.startswith("error:")
 
 
-def test_third_party_plugin_installed_and_used(tmp_path, tiny_model_dir):
-    """Install the example plugin package (as a user would) and run a recipe with its scorer."""
+def test_third_party_plugin_installed_and_used(tmp_path, tiny_model_dir, monkeypatch):
+    """`respctl plugin new` writes a package; install it (as a user would), list it, run a recipe
+    with its scorer, and find its distribution and version in run.json."""
+    pkg = tmp_path / "pkg"
+    result = runner.invoke(app, ["plugin", "new", "example_fisher", "--out", str(pkg)])
+    assert result.exit_code == 0, result.output
     site = tmp_path / "site"
-    pkg = Path(__file__).parent / "example_plugin"
-    build = tmp_path / "build"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
                     "--quiet", "--target", str(site), str(pkg)], check=True, timeout=300,
-                   env={**os.environ, "PIP_NO_CACHE_DIR": "1", "TMPDIR": str(build.parent)})
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
-           "COLUMNS": "200"}
-    listing = subprocess.run([sys.executable, "-m", "resp_core.cli", "plugins"], capture_output=True, text=True,
-                             env=env, timeout=300)
-    assert listing.returncode == 0, listing.stderr
-    line = next(ln for ln in listing.stdout.splitlines() if "example_fisher" in ln)
-    assert "resp-example-plugin 0.1.0" in line or "resp_example_plugin 0.1.0" in line
-    recipe = write(tmp_path, small_recipe(tiny_model_dir, **{"scorer": {"name": "example_fisher"}}))
+                   env={**os.environ, "PIP_NO_CACHE_DIR": "1"})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    from resp_core import registry
+
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setattr(registry, "_REGISTRY", None)
+    listing = runner.invoke(app, ["plugins"])
+    assert listing.exit_code == 0, listing.output
+    line = next(ln for ln in listing.output.splitlines() if "example_fisher" in ln)
+    assert "resp-example-fisher 0.1.0" in line or "resp_example_fisher 0.1.0" in line
+    # the scaffold's own tests pass against this RESP
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("scaffold_test_plugin", pkg / "tests" / "test_plugin.py")
+    scaffold_tests = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scaffold_tests)
+    for name in ("test_registered", "test_bounded_params", "test_scores_every_unit"):
+        getattr(scaffold_tests, name)()
+    recipe = write(tmp_path, small_recipe(tiny_model_dir, **{"scorer": {"name": "example_fisher",
+                                                                         "params": {"batch_size": 4}}}))
+    bad = write(tmp_path, small_recipe(tiny_model_dir, **{"scorer": {"name": "example_fisher",
+                                                                      "params": {"batch_size": 0}}}), "bad.yaml")
+    assert_user_error(runner.invoke(app, ["validate", str(bad)]), "scorer.params.batch_size")
+    monkeypatch.setattr(registry, "_REGISTRY", None)
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "resp_core.cli", "run", str(recipe), "--out", str(out)],
                           capture_output=True, text=True, env=env, timeout=600)
@@ -174,6 +191,90 @@ def test_third_party_plugin_installed_and_used(tmp_path, tiny_model_dir):
     assert rows[-1]["sparsity"] == pytest.approx(0.4, abs=0.05)
     saved = yaml.safe_load((out / "recipe.yaml").read_text())
     assert saved["scorer"]["name"] == "example_fisher"
+    plugins = json.loads((out / "run.json").read_text())["plugins"]
+    scorer = next(p for p in plugins if p["kind"] == "scorer")
+    assert scorer["name"] == "example_fisher" and scorer["version"] == "0.1.0"
+    assert scorer["distribution"].replace("_", "-") == "resp-example-fisher"
+    assert any(p["kind"] == "task" and p["distribution"] == "resp-pruning" for p in plugins)
+
+
+def test_plugin_new_bad_inputs(tmp_path):
+    assert_user_error(runner.invoke(app, ["plugin", "new", "Bad-Name", "--out", str(tmp_path / "x")]), "NAME")
+    (tmp_path / "taken").mkdir()
+    assert_user_error(runner.invoke(app, ["plugin", "new", "ok_name", "--out", str(tmp_path / "taken")]),
+                      "already exists")
+    assert not (tmp_path / "x").exists() and list((tmp_path / "taken").iterdir()) == []
+
+
+def _fake_distribution(site: Path, dist: str, version: str, entry_points: dict[str, str], modules: dict[str, str]):
+    """An installed distribution (dist-info with entry points) and its modules, in ``site``."""
+    info = site / f"{dist}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text("[resp]\n" + "".join(f"{k} = {v}\n" for k, v in entry_points.items()))
+    for name, text in modules.items():
+        (site / f"{name}.py").write_text(text)
+
+
+SCORER_MODULE = """
+from resp_core import hookimpl
+from resp_plugins.scorers.simple import MagnitudeScorer
+
+@hookimpl
+def register_scorers(register):
+    register({name!r}, MagnitudeScorer)
+"""
+
+
+@pytest.fixture
+def hostile_plugins(tmp_path, monkeypatch):
+    """Installed plugins that misbehave: SystemExit at import, a clashing entry-point name, a
+    clashing implementation name.  The CLI's cached registry is rebuilt with them."""
+    from resp_core import registry
+
+    site = tmp_path / "hostile-site"
+    _fake_distribution(site, "exits-at-import", "0.3", {"exiter": "mod_exiter"},
+                       {"mod_exiter": "raise SystemExit(3)\n"})
+    _fake_distribution(site, "first-dist", "1.0", {"clash": "mod_first"},
+                       {"mod_first": SCORER_MODULE.format(name="first_scorer")})
+    _fake_distribution(site, "second-dist", "2.0", {"clash": "mod_second"},
+                       {"mod_second": SCORER_MODULE.format(name="second_scorer")})
+    _fake_distribution(site, "shadow-dist", "0.9", {"shadow": "mod_shadow"},
+                       {"mod_shadow": SCORER_MODULE.format(name="resp")})
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setattr(registry, "_REGISTRY", None)
+    yield registry.get_registry()
+    monkeypatch.setattr(registry, "_REGISTRY", None)
+
+
+def test_plugin_isolation_and_clashes(hostile_plugins):
+    reg = hostile_plugins
+    lines = reg.failure_lines()
+    text = "\n".join(lines)
+    assert "exiter" in text and "SystemExit" in text and "exits-at-import 0.3" in text
+    clash = next(ln for ln in lines if "'clash'" in ln)
+    assert "first-dist 1.0" in clash and "second-dist 2.0" in clash
+    shadow = next(ln for ln in lines if "scorer 'resp'" in ln)
+    assert "shadow-dist 0.9" in shadow and "resp-pruning" in shadow
+    assert "first_scorer" in reg.names("scorer") and "second_scorer" not in reg.names("scorer")
+    assert reg.get("scorer", "resp").distribution == "resp-pruning"  # the built-in wins
+
+
+def test_broken_plugins_are_reported_by_run_and_validate(tmp_path, tiny_model_dir, hostile_plugins):
+    good = write(tmp_path, small_recipe(tiny_model_dir))
+    result = runner.invoke(app, ["validate", str(good)])
+    assert result.exit_code == 0, result.output
+    warnings = [ln for ln in result.output.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 3 and any("exiter" in w for w in warnings), result.output
+    unknown = write(tmp_path, small_recipe(tiny_model_dir, **{"scorer": {"name": "exiter_scorer"}}), "u.yaml")
+    out = tmp_path / "run"
+    for cmd in (["validate", str(unknown)], ["run", str(unknown), "--out", str(out)]):
+        result = runner.invoke(app, cmd)
+        assert result.exit_code == 2, result.output
+        error = next(ln for ln in result.output.splitlines() if ln.startswith("error:"))
+        assert "unknown scorer 'exiter_scorer'" in error and "exiter" in error.split("note:")[1]
+        assert "failed to load" in error
+        assert not out.exists()
 
 
 def test_testbed_train_bad_inputs(tmp_path):

@@ -1,1 +1,0 @@
-"""Example third-party RESP plugin (see docs/plugins.md)."""
