@@ -252,6 +252,26 @@ def test_compaction_never_copies_the_whole_model(tmp_path, monkeypatch):
                                atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("model_name", ["gemma3_sliding", "qwen2_bias"])
+def test_compact_in_place_then_save(model_name, tmp_path):
+    """``compact`` removes units from the model itself (no copy); saved, it reloads through the Auto class."""
+    from transformers import AutoModelForCausalLM
+
+    from resp_core.model.compaction import compact, save_pruned
+
+    dense = MODELS[model_name]()
+    mask = _mask(adapter_for(dense).geometry, "mixed")
+    masked = _masked(dense, mask)
+    ids, att = _inputs()
+    ref = _logits(masked, ids, att)
+    embed = masked.model.embed_tokens.weight
+    record = compact(masked, mask)
+    assert masked.model.embed_tokens.weight is embed and len(masked.model.layers) == len(record["layers"]) == 3
+    torch.testing.assert_close(_logits(masked, ids, att), ref, atol=TOL, rtol=0)
+    save_pruned(masked, record, tmp_path)
+    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(tmp_path), ids, att), ref, atol=TOL, rtol=0)
+
+
 def test_saved_bytes_are_deterministic(tmp_path):
     dense = MODELS["qwen3_h8_kv2"]()
     mask = _mask(adapter_for(dense).geometry, "q_uneven")
