@@ -40,7 +40,7 @@ from .recipe import (EvaluationSection, ModelSection, OutputSection, PluginRef, 
                      StructuresSection, _Strict,
                      _first_error, check_model_path, dump_recipe, resolve)
 from .rundir import RunDir, atomic_write_text, write_json
-from .stats import ci95_halfwidth, mean
+from .stats import ci95_halfwidth, json_safe, mean
 
 SHARED_FIELDS = ("model", "task", "structures", "generator", "seed", "sparsities", "calibration", "evaluators",
                  "steps")
@@ -330,6 +330,9 @@ def collect_results(folder: Path) -> dict:
                 "parameters": row["parameters"], "metric": metric, "mean": mean(vals),
                 "ci95": ci95_halfwidth(vals), "n_seeds": len(vals),
                 "per_seed": {str(s): per_seed[s] for s in sorted(per_seed)},
+                # per-item bootstrap 95% CI [low, high] when the evaluator reports one (task_accuracy)
+                "ci95_items": ([row[f"{metric}_items_ci95_low"], row[f"{metric}_items_ci95_high"]]
+                               if f"{metric}_items_ci95_low" in row else None),
             })
 
     dense_file = folder / "dense" / "metrics.json"
@@ -361,10 +364,12 @@ def collect_results(folder: Path) -> dict:
     return {"info": info, "rows": rows}
 
 
-def write_results(folder: Path, results: dict) -> None:
+def write_results(folder: Path, results: dict, ci: str = "seeds") -> None:
+    """results.json, results.csv, report.md and the plot (PNG, PDF, SVG); ``ci``: which 95% CI
+    the report and plot show (``seeds`` or ``items``, see :mod:`resp_core.report`)."""
     import csv
 
-    write_json(folder / "results.json", results)
+    write_json(folder / "results.json", json_safe(results))  # valid JSON: null, never NaN
     fh = io.StringIO(newline="")
     w = csv.writer(fh)
     w.writerow(["method", "target", "sparsity", "sparsity_prunable_blocks", "sparsity_all_blocks", "parameters",
@@ -377,8 +382,8 @@ def write_results(folder: Path, results: dict) -> None:
     atomic_write_text(folder / "results.csv", fh.getvalue())
     from .report import render_markdown, render_plot
 
-    render_plot(results, folder / "accuracy.png")
-    atomic_write_text(folder / "report.md", render_markdown(results, plot="accuracy.png"))
+    render_plot(results, folder / "accuracy.png", ci=ci)
+    atomic_write_text(folder / "report.md", render_markdown(results, plot="accuracy.png", ci=ci))
 
 
 def run_compare(cmp: CompareRecipe, source: str, folder: Path, progress, console=None) -> dict:

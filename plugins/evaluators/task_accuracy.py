@@ -14,7 +14,7 @@ from pydantic import Field
 
 from resp_core import hookimpl
 from resp_core.interfaces import EvalResult, Evaluator, Generator, Params, Progress, RunContext, Task
-from resp_core.stats import ci95_halfwidth
+from resp_core.stats import bootstrap_ci95, ci95_halfwidth
 from resp_core.validation import Count, Seed
 from resp_plugins.calibration.self_generated import SamplingSettings
 
@@ -46,6 +46,13 @@ def measure(task: Task, generator: Generator, split: str, num_items: int | None,
     }
     if ci:
         metrics[f"{name}/accuracy_ci95"] = ci95_halfwidth(accuracies)
+    # per-item bootstrap 95% CI of the accuracy (each item's correctness averaged over the seeds)
+    per_item: dict[str, list[float]] = {}
+    for r in records:
+        per_item.setdefault(r["id"], []).append(float(r["correct"]))
+    low, high = bootstrap_ci95([sum(v) / len(v) for v in per_item.values()], seed=item_seed)
+    metrics[f"{name}/accuracy_items_ci95_low"] = low
+    metrics[f"{name}/accuracy_items_ci95_high"] = high
     for seed, acc in zip(seeds, accuracies):
         metrics[f"{name}/accuracy@seed{seed}"] = acc
     return EvalResult(metrics, records)
