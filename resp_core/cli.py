@@ -88,13 +88,33 @@ def _default_run_dir(name: str) -> Path:
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def results_table(rows: list[dict], title: str) -> Table:
-    """Accuracy and parameter count per evaluated point (other metrics stay in metrics.json)."""
-    metric_keys = []
-    for r in rows:
-        for k in r:
-            if "/" in k and (k.endswith("accuracy") or "exact_match" in k or k.endswith("/acc")) and k not in metric_keys:
-                metric_keys.append(k)
+def main_metrics(rows: list[dict], chosen: list[str] | None = None) -> list[str]:
+    """The metric columns of a run table: ``chosen`` when given, else one main metric per task —
+    the one an evaluator reports per seed (``<metric>@seed<s>``: ``task_accuracy``'s accuracy,
+    the ``lm_eval`` evaluator's ``main_metric``), else ``<task>/accuracy``.  Every other metric
+    stays in ``metrics.json`` (and ``run --json``)."""
+    from .compare import SEED_KEY
+
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    if chosen:
+        unknown = [c for c in chosen if c not in keys]
+        if unknown:
+            raise RespError(f"--metric: {unknown[0]!r} is not a metric of this run; it has "
+                            f"{', '.join(k for k in keys if '/' in k) or 'none'}")
+        return list(chosen)
+    mains = [m.group("metric") for k in keys if (m := SEED_KEY.match(k))]
+    mains = list(dict.fromkeys(mains)) or [k for k in keys if k.endswith("/accuracy")]
+    per_task: dict[str, str] = {}
+    for k in mains:
+        per_task.setdefault(k.split("/", 1)[0], k)
+    return list(per_task.values())
+
+
+def results_table(rows: list[dict], title: str, metrics: list[str] | None = None) -> Table:
+    """Sparsity, parameter count and one main metric per task for each evaluated point."""
+    from .stats import finite
+
+    metric_keys = main_metrics(rows, metrics)
     table = Table(title=title)
     table.add_column("step", justify="right")
     table.add_column("sparsity", justify="right")
@@ -105,13 +125,32 @@ def results_table(rows: list[dict], title: str) -> Table:
     for r in rows:
         cells = [str(r.get("step", "")), f"{r['sparsity']:.1%}", f"{r['parameters'] / 1e6:.3f}M"]
         for k in metric_keys:
-            v = r.get(k)
-            ci = r.get(f"{k}_ci95")
-            cells.append("" if v is None else (f"{v:.1%}" + (f" ± {ci:.1%}" if ci == ci and ci is not None else "")))
+            v, ci = r.get(k), r.get(f"{k}_ci95")
+            if not finite(v):
+                cells.append("" if v is None else "n/a")
+            elif 0.0 <= v <= 1.0 and not k.endswith(("perplexity", "tokens", "loss")):
+                cells.append(f"{v:.1%}" + (f" ± {ci:.1%}" if finite(ci) else ""))
+            else:
+                cells.append(f"{v:.4g}" + (f" ± {ci:.2g}" if finite(ci) else ""))
         c = r.get("calibration_correct_fraction")
         cells.append("" if c is None else f"{c:.1%}")
         table.add_row(*cells)
     return table
+
+
+CI_OPTION = typer.Option("seeds", "--ci", help="Confidence intervals: 'seeds' (Student t over sampling seeds) "
+                         "or 'items' (bootstrap over evaluated items).")
+
+
+def _check_ci(ci: str) -> None:
+    from .report import CI_CHOICES
+
+    if ci not in CI_CHOICES:
+        raise RespError(f"--ci: {ci!r} is not one of {', '.join(CI_CHOICES)}")
+
+
+METRIC_OPTION = typer.Option(None, "--metric", "-m", help="Show this metric in the run table (repeatable; "
+                             "default: one main metric per task).")
 
 
 @app.command()
@@ -120,16 +159,21 @@ def run(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (default
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (must not exist)."),
         resume: Optional[Path] = typer.Option(None, "--resume", metavar="RUN_DIR",
                                               help="Continue an interrupted, failed or stale run from its last "
-                                                   "completed step (its own recipe.yaml is used).")):
+                                                   "completed step (its own recipe.yaml is used)."),
+        metric: Optional[list[str]] = METRIC_OPTION,
+        as_json: bool = typer.Option(False, "--json", help="Print the metrics and run record as JSON on stdout "
+                                     "when done (progress goes to stderr).")):
     """Prune a model as a recipe says; write everything to a new run folder."""
     from .pipeline import resume_run, run_recipe
     from .progress import RichProgressReporter
     from .rundir import RunDir
 
+    console = err_console if as_json else globals()["console"]
+
     def on_row(row):
-        accs = {k: v for k, v in row.items() if k.endswith("/accuracy")}
-        shown = ", ".join(f"{k} {v:.1%}" for k, v in accs.items())
-        console.print(f"  sparsity {row['sparsity']:.1%}: {row['parameters'] / 1e6:.3f}M parameters {shown}")
+        shown = ", ".join(f"{k} {row[k]:.1%}" for k in main_metrics([row]) if isinstance(row.get(k), float))
+        console.print(f"  sparsity {row['sparsity']:.1%}: {row['parameters'] / 1e6:.3f}M parameters {shown}",
+                      highlight=False)
 
     if resume is not None:
         if recipe is not None or out is not None:
@@ -146,7 +190,11 @@ def run(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (default
         console.print(f"[bold]RESP[/] running [cyan]{source}[/] into [cyan]{run_path}[/]")
         result = run_recipe(resolved, run_path, RichProgressReporter(console), on_row=on_row)
         name = resolved.recipe.name
-    console.print(results_table(result.rows, f"{name}: accuracy per milestone"))
+    if as_json:
+        print_json({"run_dir": str(result.run_dir.path), "run": result.run_dir.read_json("run.json"),
+                    "metrics": result.rows})
+        return
+    console.print(results_table(result.rows, f"{name}: accuracy per milestone", metric))
     if result.compaction_max_abs_diff is not None:
         console.print(f"compacted model: {result.run_dir.file('model')} "
                       f"(max |logit diff| vs masked model: {result.compaction_max_abs_diff:.2e})")
@@ -158,11 +206,17 @@ def run(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (default
 def compare(recipe: Path = typer.Argument(..., help="Comparison recipe YAML (methods x sparsities x seeds)."),
             out: Optional[Path] = typer.Option(None, "--out", "-o",
                                                help="Comparison folder; an existing one is extended."),
-            seeds: Optional[str] = typer.Option(None, help="Override the recipe's seeds, e.g. '0' or '0,1,2'.")):
+            seeds: Optional[str] = typer.Option(None, help="Override the recipe's seeds, e.g. '0' or '0,1,2'."),
+            ci: str = CI_OPTION,
+            as_json: bool = typer.Option(False, "--json", help="Print the results (results.json) on stdout when "
+                                         "done (progress goes to stderr).")):
     """Run methods side by side on the same model, prompts, structures and seeds; table, CSV/JSON, report, plot."""
     from .compare import parse_compare, resolve_compare, run_compare
     from .progress import RichProgressReporter
     from .report import rich_table
+
+    _check_ci(ci)
+    console = err_console if as_json else globals()["console"]
 
     data, source = _recipe_document(recipe)
     _warn_plugin_failures()
@@ -184,30 +238,47 @@ def compare(recipe: Path = typer.Argument(..., help="Comparison recipe YAML (met
     else:
         console.print(f"[bold]RESP[/] comparing {len(cmp.methods)} methods into [cyan]{folder}[/]")
     results = run_compare(cmp, str(recipe), folder, RichProgressReporter(console), console)
-    console.print(rich_table(results))
+    if ci != "seeds":
+        from .compare import write_results
+
+        write_results(folder, results, ci=ci)
+    if as_json:
+        print_json(results)
+        return
+    console.print(rich_table(results, ci))
     console.print(f"results: {folder / 'results.csv'}, {folder / 'results.json'}; report: {folder / 'report.md'}; "
-                  f"plot: {folder / 'accuracy.png'}")
+                  f"plot: {folder / 'accuracy.png'} (also .pdf, .svg)")
 
 
 @app.command()
 @user_errors
-def report(run_dir: Path = typer.Argument(..., help="A finished comparison folder or run folder.")):
+def report(run_dir: Path = typer.Argument(..., help="A finished comparison folder or run folder."),
+           metric: Optional[list[str]] = METRIC_OPTION, ci: str = CI_OPTION,
+           as_json: bool = typer.Option(False, "--json", help="Print the results (or the run's metrics) as JSON.")):
     """Re-render tables, report and plot of a finished comparison (or run) without recomputing."""
     from .compare import collect_results, write_results
     from .report import rich_table
     from .rundir import RunDir
 
+    _check_ci(ci)
     if (run_dir / "compare.yaml").is_file():
         results = collect_results(run_dir)
         if not results["rows"]:
             raise RespError(f"{run_dir} has no finished runs yet")
-        write_results(run_dir, results)
-        console.print(rich_table(results))
-        console.print(f"re-rendered {run_dir / 'report.md'}, {run_dir / 'accuracy.png'}, {run_dir / 'results.csv'}")
+        write_results(run_dir, results, ci=ci)
+        if as_json:
+            print_json(results)
+            return
+        console.print(rich_table(results, ci))
+        console.print(f"re-rendered {run_dir / 'report.md'}, {run_dir / 'accuracy.png'} (.pdf, .svg), "
+                      f"{run_dir / 'results.csv'}")
         return
     rd = RunDir.open_finished(run_dir)
     rows = rd.read_json("metrics.json")
-    console.print(results_table(rows, f"{rd.read_json('run.json')['name']}: accuracy per milestone"))
+    if as_json:
+        print_json({"run_dir": str(run_dir), "run": rd.read_json("run.json"), "metrics": rows})
+        return
+    console.print(results_table(rows, f"{rd.read_json('run.json')['name']}: accuracy per milestone", metric))
 
 
 @app.command()

@@ -1,21 +1,60 @@
 """Rendering comparison results: rich table, Markdown report, accuracy-vs-sparsity plot.
 
-Everything here reads ``results.json`` (see :mod:`resp_core.compare`), so ``respctl report``
-re-renders a finished comparison without recomputing anything.
+Everything here reads the results dict (``results.json``, see :mod:`resp_core.compare`), so
+``respctl report`` re-renders a finished comparison without recomputing anything.
+
+Two confidence intervals, chosen with ``ci``:
+
+* ``seeds`` (default): 95% CI of the mean over sampling seeds (Student t, ``resp_core.stats``);
+  with one seed there is none, and the tables and plot say so instead of drawing a band;
+* ``items``: percentile-bootstrap 95% CI over the evaluated items (``scipy.stats.bootstrap``,
+  each item's correctness averaged over the seeds), for evaluators that report it
+  (``task_accuracy``).
+
+The plot puts each point at the sparsity the run *reached* (on the recipe's basis), not the
+target; bands are clipped to [0, 100]; every method has its own marker and line style, so that
+the figure reads in grayscale; it is written as PNG, PDF and SVG.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from rich.table import Table
 
+from .stats import finite
 
-def _fmt(mean: float, ci: float) -> str:
-    if math.isnan(ci):
-        return f"{100 * mean:.1f}"
-    return f"{100 * mean:.1f} ± {100 * ci:.1f}"
+CI_CHOICES = ("seeds", "items")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+LINESTYLES = ("-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
+BASIS_WORDS = {"prunable_blocks": "of the unprotected layers' projections",
+               "all_blocks": "of the projections of all layers"}
+
+
+def band(c: dict | None, ci: str = "seeds") -> tuple[float, float] | None:
+    """The 95% CI ``(low, high)`` of a result cell (fractions), or None when there is none."""
+    if c is None or not finite(c.get("mean")):
+        return None
+    if ci == "items":
+        v = c.get("ci95_items")
+        if isinstance(v, (list, tuple)) and len(v) == 2 and finite(v[0]) and finite(v[1]):
+            return float(v[0]), float(v[1])
+        return None
+    h = c.get("ci95")
+    return (c["mean"] - h, c["mean"] + h) if finite(h) else None
+
+
+def _fmt(c: dict | None, ci: str = "seeds") -> str:
+    if c is None:
+        return ""
+    if not finite(c.get("mean")):
+        return "n/a"
+    b = band(c, ci)
+    if b is None:
+        return f"{100 * c['mean']:.1f}"
+    if ci == "seeds":
+        return f"{100 * c['mean']:.1f} ± {100 * c['ci95']:.1f}"
+    return f"{100 * c['mean']:.1f} [{100 * b[0]:.1f}, {100 * b[1]:.1f}]"
 
 
 def _pivot(results: dict):
@@ -27,12 +66,24 @@ def _pivot(results: dict):
     return metrics, methods, targets, cell
 
 
-def rich_table(results: dict) -> Table:
+def ci_words(results: dict, ci: str = "seeds") -> str:
+    """What the ± in the tables means, or that there is none."""
+    rows = results["rows"]
+    if ci == "items":
+        if any(band(r, "items") for r in rows):
+            return "mean [95% bootstrap CI over items]"
+        return "no per-item CI reported by the evaluators"
+    n = max((r.get("n_seeds", 0) for r in rows), default=0)
+    if n >= 2:
+        return f"mean ± 95% CI (Student t) over {n} seeds"
+    return "1 seed: no CI"
+
+
+def rich_table(results: dict, ci: str = "seeds") -> Table:
     metrics, methods, targets, cell = _pivot(results)
-    n = results["info"].get("seeds", [])
     single = len(metrics) == 1
     what = metrics[0] if single else "accuracy"
-    table = Table(title=f"{results['info']['name']}: {what} % (mean ± 95% CI over {len(n)} seed(s))")
+    table = Table(title=f"{results['info']['name']}: {what} % ({ci_words(results, ci)})")
     table.add_column("method")
     if not single:
         table.add_column("metric")
@@ -43,26 +94,25 @@ def rich_table(results: dict) -> Table:
         for m in methods:
             if m == "dense":
                 continue
-            dense = cell.get(("dense", 0.0, metric))
-            row = [m] + ([] if single else [metric]) + [_fmt(dense["mean"], dense["ci95"]) if dense else ""]
-            for t in targets:
-                c = cell.get((m, t, metric))
-                row.append(_fmt(c["mean"], c["ci95"]) if c else "")
+            row = [m] + ([] if single else [metric]) + [_fmt(cell.get(("dense", 0.0, metric)), ci)]
+            row += [_fmt(cell.get((m, t, metric)), ci) for t in targets]
             table.add_row(*row)
     return table
 
 
-def render_markdown(results: dict, plot: str | None = None) -> str:
+def render_markdown(results: dict, plot: str | None = None, ci: str = "seeds") -> str:
     info = results["info"]
     metrics, methods, targets, cell = _pivot(results)
+    basis = (info.get("structures") or {}).get("sparsity_basis", "prunable_blocks")
     lines = [f"# {info['name']}", ""]
     lines += [
         f"- model: `{info['model']}` (fingerprint `{info.get('model_fingerprint')}`)",
         f"- task: `{info['task']['name']}` {info['task'].get('params') or ''}",
         f"- structures: {info['structures']}",
         f"- default calibration: `{info['calibration']['name']}` {info['calibration'].get('params') or ''}",
-        f"- sparsities: {', '.join(f'{s:.0%}' for s in info['sparsities'])} (of the unprotected blocks' parameters)",
-        f"- seeds: {info['seeds']} — cells are mean ± 95% CI (Student t) over seeds",
+        f"- sparsities: {', '.join(f'{s:.0%}' for s in info['sparsities'])} (targets; parameters "
+        f"{BASIS_WORDS.get(basis, basis)})",
+        f"- seeds: {info['seeds']}; cells: {ci_words(results, ci)}",
         f"- RESP commit: `{info.get('commit')}`, torch {info.get('torch')}",
         "",
     ]
@@ -74,13 +124,15 @@ def render_markdown(results: dict, plot: str | None = None) -> str:
         for m in methods:
             if m == "dense":
                 continue
-            dense = cell.get(("dense", 0.0, metric))
-            cells = [_fmt(dense["mean"], dense["ci95"]) if dense else ""]
-            for t in targets:
-                c = cell.get((m, t, metric))
-                cells.append(_fmt(c["mean"], c["ci95"]) if c else "")
+            cells = [_fmt(cell.get(("dense", 0.0, metric)), ci)] + [_fmt(cell.get((m, t, metric)), ci)
+                                                                    for t in targets]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
+        reached = [(m, t, cell[(m, t, metric)]["sparsity"]) for m in methods for t in targets
+                   if (m, t, metric) in cell and finite(cell[(m, t, metric)].get("sparsity"))]
+        off = [f"{m} {t:.0%}→{s:.1%}" for m, t, s in reached if abs(s - t) >= 0.005]
+        if off:
+            lines += [f"Reached sparsity differs from the target: {', '.join(off)}.", ""]
     lines.append("## Methods")
     lines.append("")
     for m in info["methods"]:
@@ -89,45 +141,84 @@ def render_markdown(results: dict, plot: str | None = None) -> str:
                      f"allocator `{(m.get('allocator') or {'name': 'global'})['name']}`; schedule overrides "
                      f"{m.get('schedule') or {}}")
     if plot:
-        lines += ["", f"![accuracy vs sparsity]({plot})"]
+        stem = Path(plot).stem
+        lines += ["", f"![accuracy vs sparsity]({plot}) (also [{stem}.pdf]({stem}.pdf), [{stem}.svg]({stem}.svg))"]
     return "\n".join(lines) + "\n"
 
 
-def render_plot(results: dict, path: Path) -> None:
+def plot_series(results: dict, metric: str, ci: str = "seeds") -> dict[str, list[tuple[float, float, tuple | None]]]:
+    """Per method: ``(x %, y %, (low %, high %) or None)`` points, x at the *reached* sparsity,
+    the dense model at 0, bands clipped to [0, 100]."""
+    metrics, methods, targets, cell = _pivot(results)
+    dense = cell.get(("dense", 0.0, metric))
+    out: dict[str, list] = {}
+    for m in methods:
+        if m == "dense":
+            continue
+        points = []
+        for c in ([dense] if dense else []) + [cell.get((m, t, metric)) for t in targets]:
+            if c is None or not finite(c.get("mean")):
+                continue
+            x = c.get("sparsity") if finite(c.get("sparsity")) else c["target"]
+            b = band(c, ci)
+            clipped = None if b is None else (min(100.0, max(0.0, 100 * b[0])), min(100.0, max(0.0, 100 * b[1])))
+            points.append((100 * x, 100 * c["mean"], clipped))
+        out[m] = points
+    return out
+
+
+def plot_paths(path: Path) -> list[Path]:
+    """The files :func:`render_plot` writes for ``path`` (PNG, PDF, SVG)."""
+    path = Path(path)
+    return [path.with_suffix(".png"), path.with_suffix(".pdf"), path.with_suffix(".svg")]
+
+
+def render_plot(results: dict, path: Path, ci: str = "seeds") -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics, methods, targets, cell = _pivot(results)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.2), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
-        dense = cell.get(("dense", 0.0, metric))
-        for m in methods:
-            if m == "dense":
-                continue
-            xs, ys, lo, hi = [], [], [], []
-            points = ([(0.0, dense)] if dense else []) + [(t, cell.get((m, t, metric))) for t in targets]
-            for t, c in points:
-                if c is None:
-                    continue
-                ci = 0.0 if math.isnan(c["ci95"]) else c["ci95"]
-                xs.append(100 * t)
-                ys.append(100 * c["mean"])
-                lo.append(100 * (c["mean"] - ci))
-                hi.append(100 * (c["mean"] + ci))
-            line, = ax.plot(xs, ys, marker="o", label=m)
-            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
-        ax.set_xlabel("sparsity of prunable blocks (%)")
-        ax.set_ylabel("accuracy (%)")
-        ax.set_title(metric)
-        ax.set_ylim(-2, 102)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"{results['info']['name']} (bands: 95% CI over {len(results['info']['seeds'])} seed(s))")
-    fig.tight_layout()
     from .rundir import atomic_file
 
-    with atomic_file(path) as tmp:  # tmp keeps the suffix savefig reads the format from
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    metrics = _pivot(results)[0]
+    basis = (results["info"].get("structures") or {}).get("sparsity_basis", "prunable_blocks")
+    any_band = False
+    with matplotlib.rc_context({"svg.hashsalt": "resp", "svg.fonttype": "path"}):
+        fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.2), squeeze=False)
+        for ax, metric in zip(axes[0], metrics):
+            for i, (m, points) in enumerate(plot_series(results, metric, ci).items()):
+                if not points:
+                    continue
+                xs, ys = [p[0] for p in points], [p[1] for p in points]
+                line, = ax.plot(xs, ys, marker=MARKERS[i % len(MARKERS)], linestyle=LINESTYLES[i % len(LINESTYLES)],
+                                label=m, markersize=5)
+                banded = [p for p in points if p[2] is not None]
+                if len(banded) >= 2:
+                    any_band = True
+                    ax.fill_between([p[0] for p in banded], [p[2][0] for p in banded], [p[2][1] for p in banded],
+                                    color=line.get_color(), alpha=0.15, linewidth=0)
+                elif len(banded) == 1:
+                    any_band = True
+                    x, y, (lo, hi) = banded[0]
+                    ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], color=line.get_color(), capsize=3)
+            ax.set_xlabel(f"reached sparsity, % {BASIS_WORDS.get(basis, basis)}")
+            ax.set_ylabel("accuracy (%)")
+            ax.set_title(metric)
+            ax.set_ylim(-2, 102)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        title = results["info"]["name"]
+        if any_band:
+            title += f" (bands: {ci_words(results, ci).replace('mean ± ', '').replace('mean ', '')})"
+        fig.suptitle(title)
+        fig.tight_layout()
+        written = []
+        metadata = {".png": {"Software": None}, ".pdf": {"CreationDate": None, "ModDate": None, "Producer": None},
+                    ".svg": {"Date": None, "Creator": None}}
+        for p in plot_paths(path):
+            with atomic_file(p) as tmp:  # tmp keeps the suffix savefig reads the format from
+                fig.savefig(tmp, dpi=120, metadata=metadata[p.suffix])
+            written.append(p)
+        plt.close(fig)
+    return written
