@@ -30,7 +30,7 @@ class _Console(Console):
     @property
     def size(self) -> ConsoleDimensions:
         dims = super().size
-        if not self.is_terminal and self._width is None:
+        if not self.is_terminal:  # COLUMNS, which rich would honour, does not apply to a pipe or file
             return ConsoleDimensions(WIDE, dims.height)
         return dims
 
