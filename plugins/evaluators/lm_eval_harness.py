@@ -87,7 +87,7 @@ def _lm_module():
         from resp_plugins.evaluators import lm_eval_model
     except ImportError as exc:
         raise RespError(f"the lm_eval evaluator needs lm-eval and accelerate ({exc.name} is missing): "
-                        "pip install 'resp[eval]'") from None
+                        "pip install 'resp-pruning[eval]'") from None
     return lm_eval_model
 
 

@@ -56,7 +56,7 @@ try:
                                       postprocess_generated_text)
 except ImportError as exc:  # pragma: no cover - exercised only without the eval extra
     raise RespError(f"the lm_eval evaluator needs lm-eval and accelerate ({exc.name} is missing): "
-                    "pip install 'resp[eval]'") from None
+                    "pip install 'resp-pruning[eval]'") from None
 
 log = logging.getLogger(__name__)
 

@@ -177,7 +177,7 @@ class Perplexity(Evaluator):
             from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer
         except ImportError:
             raise RespError(f"{self._path}.params.detokenize: 'wikitext' uses lm-eval's own detokenizer; "
-                            "pip install 'resp[eval]'") from None
+                            "pip install 'resp-pruning[eval]'") from None
         return wikitext_detokenizer({"page": text})
 
     def _stream(self, tok, doc: dict) -> tuple[list[int], int, str]:
