@@ -510,8 +510,10 @@ def convert_model(source: str = typer.Argument(..., help="A GGUF file, a model f
     try:
         section = ModelSection(path=source, gguf_file=gguf_file, dtype=dtype, revision=revision)
     except ValidationError as exc:
+        from .validation import error_message
+
         err = exc.errors()[0]
-        raise RespError(f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-')}: {err['msg']}") from None
+        raise RespError(f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-')}: {error_message(err)}") from None
     with console.status(f"Loading {source}"):
         res = convert(section, out)
     console.print(f"{res['model_type']} model, {res['parameters'] / 1e6:.1f}M parameters ({res['dtype']}), loaded "

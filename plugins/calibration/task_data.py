@@ -31,7 +31,7 @@ from pydantic import Field, ValidationError
 from resp_core import hookimpl
 from resp_core.errors import RespError
 from resp_core.interfaces import CalibrationSample, CalibrationSource, Params, RunContext
-from resp_core.validation import Count
+from resp_core.validation import Count, first_error
 
 
 def check_task_ref(recipe, path: str, task: str | None, task_params: dict | None) -> None:
@@ -48,10 +48,7 @@ def check_task_ref(recipe, path: str, task: str | None, task_params: dict | None
     try:
         model.model_validate(task_params)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
-        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-        raise RespError(f"{path}.params.task_params{'.' + loc if loc else ''}: {msg}") from None
+        raise RespError(first_error(exc, f"{path}.params.task_params")) from None
 
 
 def pack_windows(samples: list[CalibrationSample], size: int) -> list[CalibrationSample]:
