@@ -381,6 +381,27 @@ def testbed_train(out: Path = typer.Option(Path("testbed-model"), "--out", "-o",
     if init_from is not None and not (init_from / "model.safetensors").is_file():
         raise RespError(f"--init-from: {init_from} holds no model.safetensors")
     previous = str(init_from) if init_from else None
+    if not console.is_terminal:  # a log file: plain lines (progress and ETA every minute, one per cycle)
+        from .progress import PlainProgressReporter
+
+        reporter = PlainProgressReporter(console)
+        for i, (steps, lr) in enumerate(plan):
+            folder = out if i == len(plan) - 1 else out / f"cycle{i + 1}"
+            settings = TrainSettings(seed=seed + i, steps=steps, lr=lr, warmup=100 if previous is None else 50,
+                                     init_from=previous)
+            with reporter.task(f"Training testbed, cycle {i + 1}/{len(plan)}", total=steps) as advance:
+                done = [0]
+
+                def tick(s, n, loss, advance=advance, done=done):
+                    advance(s - done[0])
+                    done[0] = s
+
+                record = train(folder, settings, progress=tick)
+            reporter.log(f"cycle {i + 1}/{len(plan)}: final loss {record['final_loss']:.4f}")
+            previous = str(folder)
+        console.print(f"trained {record['parameters']:,} parameters; final loss {record['final_loss']:.4f}; "
+                      f"saved to {out}")
+        return
     with Progress(console=console) as bar:
         for i, (steps, lr) in enumerate(plan):
             folder = out if i == len(plan) - 1 else out / f"cycle{i + 1}"
