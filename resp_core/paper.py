@@ -22,6 +22,7 @@ task_data                             thinking prompt, gold + EOS    ``data_prun
 gsm8k task (calibration prompt)       the bare question              same (``build_prompt(question)``)
 wanda_sp                              sequential, uniform, one shot  ``wanda_sp.py`` ``baseline_uniform_wanda``
 wanda_sp calibration (task_data)      ``pack: 256``                  ``wanda_sp.py`` ``process_data`` (``seq_len``)
+uniform allocator                     ratio landing on the target    ``configs/section5/main/wanda_gsm8k_*.yaml`` ``ratio``
 progressive schedule                  linspace steps, milestones     ``non_uniform_pruner.py`` ``ratio_scheduling``;
                                       crossed on measured sparsity   ``data_refresh_GISP.py`` ``prune_iterative``
 lm_eval tasks                         the paper's GSM8K / MathQA     ``configs/section5/main/*.yaml`` ``lm_eval_options``
@@ -49,9 +50,11 @@ PLUGIN_PARAMS: dict[tuple[str, str], dict[str, Any]] = {
     ("scorer", "wanda_sp"): {"sequential": True},
     ("calibration", "task_data"): {"format": "chat", "enable_thinking": True},
     ("task", "gsm8k"): {"prompt_suffix": "", "reference_annotations": "keep"},
-    # their Qwen3-8B runs: ratio 0.7 in 112 linspace points (0.7 / 112 = 0.00625 per step),
+    # their Qwen3-8B runs: ratio 0.7 in 112 linspace points (0.7 / 111 = 0.0063 per step),
     # milestones judged on the measured sparsity (H2's schedule parameters)
-    ("schedule", "progressive"): {"step_size": 0.00625, "milestones_on": "reached"},
+    ("schedule", "progressive"): {"step_size": 0.0063, "milestones_on": "reached"},
+    # their Wanda-sp ratios 0.24 / 0.36 / 0.47 were set to land at 20 / 30 / 40% of all blocks
+    ("allocator", "uniform"): {"target_on": "sparsity"},
     # The global allocator keeps its parameter budget on the authors' basis: with milestones
     # judged on the measured sparsity it removes units in the same ascending-score order as the
     # authors' count threshold (``budget: count``, reachable as a parameter) and stops at the last
@@ -145,13 +148,23 @@ def _fill_evaluators(evaluators, task_name: str, path: str, report: Report) -> N
                       extra={"tasks": LM_EVAL_TASKS[task_name]})
 
 
+def _tree(obj: Any) -> Any:
+    """A copy of a parsed YAML tree in which no two places share an object (YAML aliases such as
+    ``scorer: *resp`` are expanded, so each method is filled and reported on its own)."""
+    if isinstance(obj, dict):
+        return {k: _tree(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_tree(v) for v in obj]
+    return obj
+
+
 def _method_protocol(scorer: Any) -> dict:
     return METHODS.get(scorer.get("name"), {}) if isinstance(scorer, dict) else {}
 
 
 def apply_to_recipe(data: dict) -> tuple[dict, Report]:
     """A run recipe (``mode: paper``) with the authors' protocol filled in."""
-    data, report = copy.deepcopy(data), Report()
+    data, report = _tree(data), Report()
     _fill_shared(data, report)
     proto = _method_protocol(data.get("scorer"))
     if "allocator" not in data and "allocator" in proto:
@@ -172,7 +185,7 @@ def apply_to_recipe(data: dict) -> tuple[dict, Report]:
 
 def apply_to_compare(data: dict) -> tuple[dict, Report]:
     """A comparison recipe (``mode: paper``) with the authors' protocol filled in, per method."""
-    data, report = copy.deepcopy(data), Report()
+    data, report = _tree(data), Report()
     _fill_shared(data, report)
     _fill_evaluators(data.get("evaluators"), _task_name(data), "evaluators", report)
     schedule_defaults = dict(PLUGIN_PARAMS[("schedule", "progressive")])

@@ -377,7 +377,7 @@ def test_paper_mode_fills_what_the_recipe_leaves_unset():
         ("kv_group", "all_blocks", "floor")
     assert r.scorer.params == {"loss": "full", "reduction": "sample_mean"}
     assert r.task.params == {"prompt_suffix": "", "reference_annotations": "keep"}
-    assert r.schedule.params["step_size"] == 0.00625 and r.schedule.params["milestones_on"] == "reached"
+    assert r.schedule.params["step_size"] == 0.0063 and r.schedule.params["milestones_on"] == "reached"
     assert r.evaluation.evaluators[0].params["tasks"] == ["resp_gsm8k_cot_paper"]
     assert r.allocator.name == "global"
     proto = r.protocol()
@@ -392,7 +392,7 @@ def test_paper_mode_fills_what_the_recipe_leaves_unset():
     data["schedule"]["params"]["steps"] = 4
     r = parse_recipe(data)
     assert "step_size" not in r.schedule.params and r.schedule.params["steps"] == 4
-    assert r.protocol()["kept"]["schedule.params.step_size"] == {"recipe": {"steps": 4}, "paper": 0.00625}
+    assert r.protocol()["kept"]["schedule.params.step_size"] == {"recipe": {"steps": 4}, "paper": 0.0063}
 
 
 def test_paper_mode_wanda_gets_the_authors_protocol():
@@ -413,10 +413,10 @@ def test_paper_mode_wanda_gets_the_authors_protocol():
     assert wanda.calibration.params == {"num_samples": 8, "format": "chat", "enable_thinking": True, "pack": 256}
     assert wanda.scorer.params == {"sequential": True}
     assert gisp.calibration is None and gisp.scorer.params == {"reduction": "sample_mean", "loss": "decode"}
-    assert gisp.schedule == {"step_size": 0.00625, "milestones_on": "reached"}
+    assert gisp.schedule == {"step_size": 0.0063, "milestones_on": "reached"}
     assert resp.schedule == {"steps": 3, "milestones_on": "reached"}
     kept = cmp.protocol()["kept"]
-    assert kept["methods[2].schedule.step_size"] == {"recipe": {"steps": 3}, "paper": 0.00625}
+    assert kept["methods[2].schedule.step_size"] == {"recipe": {"steps": 3}, "paper": 0.0063}
 
 
 def test_paper_mode_is_recorded_in_the_run(tmp_path, tiny_model_dir):
@@ -433,7 +433,7 @@ def test_paper_mode_is_recorded_in_the_run(tmp_path, tiny_model_dir):
     assert info["mode"] == "paper"
     assert info["protocol"]["applied"]["scorer.params.loss"] == "decode"
     assert "structures.attention" not in info["protocol"]["kept"]  # explicit and equal to the authors'
-    assert info["protocol"]["kept"]["schedule.params.step_size"] == {"recipe": {"steps": 4}, "paper": 0.00625}
+    assert info["protocol"]["kept"]["schedule.params.step_size"] == {"recipe": {"steps": 4}, "paper": 0.0063}
     saved = yaml.safe_load((out / "recipe.yaml").read_text())
     assert saved["mode"] == "paper" and saved["structures"]["sparsity_basis"] == "all_blocks"
     assert saved["scorer"]["params"]["reduction"] == "sample_mean"
@@ -468,3 +468,72 @@ def test_compare_method_starts_from_an_earlier_methods_milestone(tmp_path, tiny_
     bad = dict(recipe, methods=[methods[1], methods[0]])
     result = runner.invoke(app, ["validate", str(write(tmp_path, bad))])
     assert result.exit_code == 2 and "methods[0].init_from.method: 'RESP w/o regen' is not a method listed before" in result.output
+
+
+# --------------------------------------------------------------------------------------------------
+# Every shipped recipe validates (Qwen3-8B: its config from a stand-in hub cache, CUDA assumed)
+# --------------------------------------------------------------------------------------------------
+
+QWEN3_8B_CONFIG = {  # Qwen/Qwen3-8B config.json (the fields RESP reads)
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 4096, "intermediate_size": 12288,
+    "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+    "vocab_size": 151936, "max_position_embeddings": 40960, "rms_norm_eps": 1e-06, "rope_theta": 1000000,
+    "tie_word_embeddings": False, "attention_bias": False, "hidden_act": "silu", "bos_token_id": 151643,
+    "eos_token_id": 151645, "torch_dtype": "bfloat16",
+}
+
+
+def test_every_shipped_recipe_validates(tmp_path, monkeypatch):
+    import json
+    from pathlib import Path
+
+    from huggingface_hub import constants
+    from typer.testing import CliRunner
+
+    from resp_core import preflight
+    from resp_core.cli import app
+    from resp_core.testbed.generic_text import write_generic_text
+
+    repo = Path(__file__).resolve().parents[1]
+    snap = tmp_path / "hub" / "models--Qwen--Qwen3-8B" / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text(json.dumps(QWEN3_8B_CONFIG))
+    (tmp_path / "hub" / "models--Qwen--Qwen3-8B" / "refs").mkdir()
+    (tmp_path / "hub" / "models--Qwen--Qwen3-8B" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(preflight, "check_device", lambda device, field="model.device": None)  # no GPU here
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    write_generic_text(tmp_path / "runs" / "generic.txt")  # the baselines' offline generic text
+    recipes = sorted((repo / "recipes").glob("*.yaml")) + sorted((repo / "recipes" / "paper").glob("*.yaml"))
+    assert len(recipes) >= 15
+    for path in recipes:
+        result = CliRunner().invoke(app, ["validate", str(path)])
+        assert result.exit_code == 0, f"{path.name}: {result.output}"
+    for name in ("qwen3-8b-table1-gsm8k", "qwen3-8b-table1-mathqa", "qwen3-8b-gsm8k-resp", "qwen3-8b-table3-rho"):
+        assert "mode: paper" in (repo / "recipes" / f"{name}.yaml").read_text()
+
+
+def test_uniform_allocator_can_land_on_the_target_sparsity():
+    from resp_core.interfaces import Scores
+    from resp_core.model.masks import MaskSet, sparsity_of
+    from resp_plugins.allocators.global_rank import UniformPerLayer
+
+    model = tiny_qwen3(seed=5, layers=4, heads=6, kv=3, inter=48)
+    adapter = adapter_for(model)
+    g = adapter.geometry
+    structures = build_structures(adapter, StructureSpec(attention="q_head", sparsity_basis="all_blocks",
+                                                         protect_rounding="floor"))
+    gen = torch.Generator().manual_seed(0)
+    scores = Scores({k: torch.rand(structures.costs[k].shape, generator=gen) for k in ("q_head", "mlp_channel")})
+    full = MaskSet.full(g)
+    units = UniformPerLayer().allocate(scores, structures, full, 0.3)
+    assert sparsity_of(units, structures) < 0.3  # a per-layer unit fraction: protected layer, K/V uncounted
+    on = UniformPerLayer(UniformPerLayer.Params(target_on="sparsity"))
+    for target in (0.2, 0.3, 0.4):
+        m = on.allocate(scores, structures, full, target)
+        reached = sparsity_of(m, structures)
+        one_more = (structures.costs["q_head"][0, 0] + structures.costs["mlp_channel"][0, 0]) * g.num_layers
+        assert target <= reached < target + float(one_more) / structures.basis_total()
+        removed = [(~m.mlp_channel[i]).sum().item() for i in range(g.num_layers)]
+        assert len(set(removed[:-1])) == 1 and removed[-1] == 0  # uniform over the unprotected layers

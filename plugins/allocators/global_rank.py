@@ -182,16 +182,43 @@ def global_allocate(scores: Scores, structures: Structures, mask: MaskSet, targe
 
 
 class UniformPerLayer(Allocator):
-    """The same fraction of each unit kind removed in every unprotected layer."""
+    """The same fraction of each unit kind removed in every unprotected layer.
+
+    ``target_on: units`` (default): ``target`` is that fraction (the authors' per-layer ``ratio``
+    of ``baseline_uniform_wanda``).  ``target_on: sparsity``: the fraction is the smallest whose
+    mask reaches ``target`` on the recipe's sparsity basis (bisection), so that a uniform
+    method's 20% is the same sparsity as the other methods' 20%: what the authors set by hand for
+    Wanda-sp on Qwen3-8B (uncc-efficient-ai/RESP ``configs/section5/main/wanda_gsm8k_{20,30,40}.yaml``:
+    ``ratio`` 0.24 / 0.36 / 0.47 for 20 / 30 / 40% of all blocks).  The decision in a layer
+    depends on that layer's scores only (``per_layer``)."""
+
+    per_layer = True
 
     class Params(Params):
-        pass
+        target_on: Literal["units", "sparsity"] = "units"
 
     def __init__(self, params=None):
-        self.params = params
+        self.params = params or self.Params()
 
     def allocate(self, scores: Scores, structures: Structures, mask: MaskSet, target: float) -> MaskSet:
-        return allocate_per_layer(scores, structures, mask, torch.full((structures.geometry.num_layers,), target))
+        L = structures.geometry.num_layers
+        if self.params.target_on == "units":
+            return allocate_per_layer(scores, structures, mask, torch.full((L,), target))
+        from resp_core.model.masks import sparsity_of
+
+        def at(ratio: float) -> MaskSet:
+            return allocate_per_layer(scores, structures, mask, torch.full((L,), ratio))
+
+        if sparsity_of(mask, structures) >= target - 1e-9:
+            return mask.clone()
+        lo, hi = 0.0, 1.0
+        for _ in range(40):  # unit fractions are multiples of 1/n: 40 halvings resolve them
+            mid = (lo + hi) / 2
+            if sparsity_of(at(mid), structures) >= target - 1e-9:
+                hi = mid
+            else:
+                lo = mid
+        return at(hi)
 
 
 def allocate_per_layer(scores: Scores, structures: Structures, mask: MaskSet, ratios: torch.Tensor) -> MaskSet:
