@@ -34,6 +34,7 @@ BUILTIN_PLUGINS = (
     "resp_plugins.tasks.gsm8k",
     "resp_plugins.tasks.mathqa",
     "resp_plugins.generators.hf",
+    "resp_plugins.generators.vllm",
     "resp_plugins.calibration.task_data",
     "resp_plugins.calibration.self_generated",
     "resp_plugins.calibration.generic_text",
