@@ -239,7 +239,7 @@ def resolve_compare(cmp: CompareRecipe, source: str):
     from .registry import get_registry
 
     reg = get_registry()
-    check_model_path(cmp.model.path)
+    check_model_path(cmp.model)
     resolved = []
     for i, m in enumerate(cmp.methods):
         r = method_recipe(cmp, m, reg)

@@ -356,11 +356,12 @@ class ResolvedRecipe:
         return self.registry.provenance(self.components())
 
 
-def check_model_path(path: str) -> None:
-    """The model ``path`` exists and holds a supported model (see :mod:`resp_core.preflight`)."""
+def check_model_path(model: "str | ModelSection") -> None:
+    """The model (a ``model:`` section, or a path) exists and holds a supported model, on an
+    available device (see :mod:`resp_core.preflight`)."""
     from .preflight import check_model
 
-    check_model(ModelSection(path=path))
+    check_model(ModelSection(path=model) if isinstance(model, str) else model)
 
 
 def check_against_model(resolved: "ResolvedRecipe", info) -> None:
