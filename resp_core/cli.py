@@ -228,6 +228,10 @@ def compare(recipe: Path = typer.Argument(..., help="Comparison recipe YAML (met
             raise RespError(f"--seeds: {seeds!r} is not a comma-separated list of integers") from None
         if not cmp.seeds:
             raise RespError("--seeds: give at least one seed")
+        from .validation import MAX_SEED
+
+        if any(not 0 <= s <= MAX_SEED for s in cmp.seeds):
+            raise RespError(f"--seeds: every seed must be in [0, {MAX_SEED}]")
     resolve_compare(cmp, str(recipe))
     folder = out or (Path(cmp.output.dir) if cmp.output.dir else _default_run_dir(cmp.name))
     if folder.exists():

@@ -41,6 +41,7 @@ from .recipe import (EvaluationSection, ModelSection, OutputSection, PluginRef, 
                      _first_error, check_model_path, dump_recipe, resolve)
 from .rundir import RunDir, atomic_write_text, write_json
 from .stats import ci95_halfwidth, json_safe, mean
+from .validation import MAX_SEED, Seed
 
 SHARED_FIELDS = ("model", "task", "structures", "generator", "seed", "sparsities", "calibration", "evaluators",
                  "steps")
@@ -69,8 +70,8 @@ class CompareMethod(_Strict):
 
 class CompareRecipe(SharedSections):
     sparsities: list[float]
-    steps: int = 8  # equal pruning steps up to the largest sparsity (plus every milestone)
-    seeds: list[int] = Field(default_factory=lambda: [0])
+    steps: int = Field(8, ge=1)  # equal pruning steps up to the largest sparsity (plus every milestone)
+    seeds: list[Seed] = Field(default_factory=lambda: [0])
     evaluators: list[PluginRef]
     methods: list[CompareMethod]
     output: OutputSection = Field(default_factory=OutputSection)
