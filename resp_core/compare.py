@@ -41,7 +41,7 @@ from .recipe import (EvaluationSection, ModelSection, OutputSection, PluginRef, 
                      _first_error, check_model_path, dump_recipe, resolve)
 from .rundir import RunDir, atomic_write_text, write_json
 from .stats import ci95_halfwidth, json_safe, mean
-from .validation import MAX_SEED, Seed
+from .validation import Seed
 
 SHARED_FIELDS = ("model", "task", "structures", "generator", "seed", "sparsities", "calibration", "evaluators",
                  "steps")
