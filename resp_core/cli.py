@@ -67,6 +67,16 @@ def print_json(obj) -> None:
     sys.stdout.flush()
 
 
+def _protocol_line(parsed, out=None) -> None:
+    """``mode: paper``: how many settings were the authors', and the recipe's own that differ."""
+    if getattr(parsed, "mode", "default") != "paper":
+        return
+    proto = parsed.protocol()
+    kept = "; ".join(f"{k} = {v['recipe']} (authors': {v['paper']})" for k, v in proto.get("kept", {}).items())
+    (out or console).print(f"mode paper: {len(proto.get('applied', {}))} settings set to the authors' protocol"
+                           + (f"; kept from the recipe: {kept}" if kept else ""), highlight=False, soft_wrap=True)
+
+
 def _warn_plugin_failures() -> None:
     from .registry import get_registry
 
@@ -187,6 +197,7 @@ def run(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (default
                            else _default_run_dir(resolved.recipe.name))
         RunDir.check_new(run_path)
         console.print(f"[bold]RESP[/] running [cyan]{source}[/] into [cyan]{run_path}[/]")
+        _protocol_line(resolved.recipe)
         result = run_recipe(resolved, run_path, RichProgressReporter(console), on_row=on_row)
         name = resolved.recipe.name
     if as_json:
@@ -240,6 +251,7 @@ def compare(recipe: Path = typer.Argument(..., help="Comparison recipe YAML (met
         console.print(f"[bold]RESP[/] extending comparison [cyan]{folder}[/]")
     else:
         console.print(f"[bold]RESP[/] comparing {len(cmp.methods)} methods into [cyan]{folder}[/]")
+    _protocol_line(cmp, console)
     results = run_compare(cmp, str(recipe), folder, RichProgressReporter(console), console)
     if ci != "seeds":
         from .compare import write_results
@@ -300,12 +312,14 @@ def validate(recipe: Path = typer.Argument(..., help="Recipe YAML to check.")):
         resolve_compare(cmp, source)
         console.print(f"[green]ok[/] {source}: comparison {cmp.name}; {len(cmp.methods)} methods at "
                       f"{[f'{s:.0%}' for s in cmp.sparsities]}, seeds {cmp.seeds}")
+        _protocol_line(cmp)
         return
     resolved, source = _load(recipe, (data, source))
     steps = resolved.schedule.steps()
     console.print(f"[green]ok[/] {source}: {resolved.recipe.name}; scorer {resolved.recipe.scorer.name}, "
                   f"calibration {resolved.recipe.calibration.name}, {len(steps)} steps to "
                   f"{steps[-1].sparsity:.0%} with milestones {[s.sparsity for s in steps if s.milestone]}")
+    _protocol_line(resolved.recipe)
 
 
 @app.command()

@@ -151,8 +151,10 @@ def parse_compare(text: str | dict, source: str) -> CompareRecipe:
         cmp = CompareRecipe.model_validate(data)
     except ValidationError as exc:
         raise RespError(f"{source}: {_first_error(exc)}") from None
-    if report is not None:
-        cmp._protocol = report.to_json()
+    if report is not None:  # method entries keyed by label: methods[<label>].<field>
+        labels = [m.label for m in cmp.methods]
+        cmp._protocol = {part: {re.sub(r"^methods\[(\d+)\]", lambda g: f"methods[{labels[int(g.group(1))]}]", k): v
+                                for k, v in entries.items()} for part, entries in report.to_json().items()}
     for i, m in enumerate(cmp.methods):
         if m.model is not None and m.model != cmp.model:
             raise RespError(f"{source}: methods[{i}].model differs from the comparison's model "
@@ -190,8 +192,7 @@ def init_from_path(cmp: CompareRecipe, method: CompareMethod, folder: Path | Non
 
 def _method_protocol(cmp: CompareRecipe, method: CompareMethod) -> dict:
     """``mode: paper``'s record for one method's runs: the shared fields and that method's."""
-    index = next((i for i, m in enumerate(cmp.methods) if m.label == method.label), None)
-    own = f"methods[{index}]"
+    own = f"methods[{method.label}]"
     out = {}
     for part, entries in cmp.protocol().items():
         out[part] = {(k[len(own) + 1:] if k.startswith(own + ".") else k): v for k, v in entries.items()
@@ -402,6 +403,7 @@ def run_compare(cmp: CompareRecipe, source: str, folder: Path, progress, console
             "methods": saved.methods + [m for m in cmp.methods if m.label not in known],
             "seeds": saved.seeds + [s for s in cmp.seeds if s not in saved.seeds],
         })
+        merged._protocol = cmp.protocol()  # mode: paper's record, for the methods run now
     else:
         folder.mkdir(parents=True)
         merged = cmp

@@ -416,7 +416,8 @@ def test_paper_mode_wanda_gets_the_authors_protocol():
     assert gisp.schedule == {"step_size": 0.0063, "milestones_on": "reached"}
     assert resp.schedule == {"steps": 3, "milestones_on": "reached"}
     kept = cmp.protocol()["kept"]
-    assert kept["methods[2].schedule.step_size"] == {"recipe": {"steps": 3}, "paper": 0.0063}
+    assert kept["methods[RESP].schedule.step_size"] == {"recipe": {"steps": 3}, "paper": 0.0063}
+    assert cmp.protocol()["applied"]["methods[Wanda].schedule.name"] == "oneshot"
 
 
 def test_paper_mode_is_recorded_in_the_run(tmp_path, tiny_model_dir):
@@ -537,3 +538,20 @@ def test_uniform_allocator_can_land_on_the_target_sparsity():
         assert target <= reached < target + float(one_more) / structures.basis_total()
         removed = [(~m.mlp_channel[i]).sum().item() for i in range(g.num_layers)]
         assert len(set(removed[:-1])) == 1 and removed[-1] == 0  # uniform over the unprotected layers
+
+
+def test_validate_reports_what_paper_mode_filled_and_kept(tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from resp_core.cli import app
+
+    recipe = {"name": "p", "mode": "paper", "structures": {"attention": "kv_group"},
+              "calibration": {"name": "task_data"}, "scorer": {"name": "resp"},
+              "schedule": {"name": "progressive", "params": {"target": 0.2, "steps": 2}}}
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "mode paper: 6 settings set to the authors' protocol" in result.output
+    assert "structures.attention = kv_group (authors': q_head)" in result.output
