@@ -176,6 +176,11 @@ class WandaSP(_ActivationScorer):
     (``calibration: task_data`` with ``pack: 256``).  ``sequential`` asks the run's allocator,
     which must allocate layer by layer (``allocator: uniform``), what it removes in each layer
     before the next layer's statistics are taken (:func:`resp_core.activations.collect_input_stats`).
+    That decision is asked with the later layers still unscored, so it is the final one when a
+    layer's removal depends on its own scores only: ``uniform`` with ``target_on: units``, or
+    ``target_on: sparsity`` on the ``all_blocks`` basis with query heads (the authors' setting;
+    on ``prunable_blocks`` a KV head's k/v count once its last head goes, which other layers'
+    scores can shift).
     """
 
     name = "wanda_sp"
