@@ -36,6 +36,7 @@ from pydantic import Field
 from resp_core import hookimpl
 from resp_core.errors import RespError
 from resp_core.interfaces import CalibrationSample, CalibrationSource, Params, RunContext
+from resp_core.validation import Count
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".json")
 
@@ -52,7 +53,7 @@ class GenericText(CalibrationSource):
     concatenate = False  # True: one token stream of all rows (wikitext); False: per document (c4)
 
     class Params(Params):
-        num_samples: int = Field(128, ge=1)
+        num_samples: Count = 128
         seq_len: int = Field(512, ge=2)  # tokens per sample
         seed: int | None = None  # default: the recipe's seed
         local_path: str | None = None  # .txt / .jsonl / .json; when set nothing is downloaded

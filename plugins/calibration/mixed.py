@@ -25,6 +25,7 @@ from pydantic import Field
 from resp_core import hookimpl
 from resp_core.errors import RespError
 from resp_core.interfaces import CalibrationSample, CalibrationSource, Params, RunContext
+from resp_core.validation import Count
 
 
 class SourceSpec(Params):
@@ -37,7 +38,7 @@ class Mixed(CalibrationSource):
     """A weighted blend of other calibration sources (counts round(weight·num_samples), seeded)."""
 
     class Params(Params):
-        num_samples: int = Field(128, ge=1)
+        num_samples: Count = 128
         sources: list[SourceSpec] = Field(min_length=1)
         seed: int | None = None  # shuffle of the blend; default: the recipe's seed
         shuffle: bool = True
