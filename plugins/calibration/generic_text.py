@@ -36,7 +36,7 @@ from pydantic import Field
 from resp_core import hookimpl
 from resp_core.errors import RespError
 from resp_core.interfaces import CalibrationSample, CalibrationSource, Params, RunContext
-from resp_core.validation import Count
+from resp_core.validation import Count, Seed
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".json")
 
@@ -55,7 +55,7 @@ class GenericText(CalibrationSource):
     class Params(Params):
         num_samples: Count = 128
         seq_len: int = Field(512, ge=2)  # tokens per sample
-        seed: int | None = None  # default: the recipe's seed
+        seed: Seed | None = None  # default: the recipe's seed
         local_path: str | None = None  # .txt / .jsonl / .json; when set nothing is downloaded
         text_field: str = "text"
         hub_id: str = ""

@@ -25,7 +25,7 @@ from pydantic import Field
 from resp_core import hookimpl
 from resp_core.errors import RespError
 from resp_core.interfaces import CalibrationSample, CalibrationSource, Params, RunContext
-from resp_core.validation import Count
+from resp_core.validation import Count, Seed
 
 
 class SourceSpec(Params):
@@ -40,7 +40,7 @@ class Mixed(CalibrationSource):
     class Params(Params):
         num_samples: Count = 128
         sources: list[SourceSpec] = Field(min_length=1)
-        seed: int | None = None  # shuffle of the blend; default: the recipe's seed
+        seed: Seed | None = None  # shuffle of the blend; default: the recipe's seed
         shuffle: bool = True
 
     def __init__(self, params: "Mixed.Params"):

@@ -59,6 +59,7 @@ from pydantic import Field
 from resp_core import hookimpl
 from resp_core.errors import RespError
 from resp_core.interfaces import EvalResult, Evaluator, Params, RunContext, SamplingParams
+from resp_core.validation import Seed
 
 log = logging.getLogger(__name__)
 
@@ -236,8 +237,8 @@ class LmEvalHarness(Evaluator):
         data_dir: dict[str, str] = Field(default_factory=dict)  # RESP task -> folder of local files
         limit: int | float | None = None  # items per task (a float < 1: a fraction)
         num_fewshot: int | dict[str, int] | None = None  # override: all tasks, or per task
-        seeds: list[int] = Field(default_factory=lambda: [0])  # one full evaluation per seed, averaged
-        fewshot_seed: int = 1234  # lm-eval's few-shot sampler seed
+        seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)  # one full evaluation per seed, averaged
+        fewshot_seed: Seed = 1234  # lm-eval's few-shot sampler seed
         sampling: LmEvalSampling = Field(default_factory=LmEvalSampling)
         stop_strings: Literal["after_think", "whole_output"] | None = None  # None: per task (metadata)
         apply_chat_template: bool = True

@@ -52,6 +52,7 @@ from pydantic import Field
 from resp_core import hookimpl
 from resp_core.errors import RespError
 from resp_core.interfaces import EvalResult, Evaluator, Params, RunContext
+from resp_core.validation import Seed
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".json")
 METRICS = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
@@ -89,7 +90,7 @@ class Perplexity(Evaluator):
         prompt_format: Literal["plain", "chat"] = "plain"  # decode: prompt + "\n", or the chat template
         detokenize: Literal["none", "wikitext"] = "none"  # lm-eval's wikitext_detokenizer
         num_documents: int | None = Field(None, ge=1)  # None: all
-        seed: int = 0  # which documents, when num_documents is set
+        seed: Seed = 0  # which documents, when num_documents is set
         window: int | None = Field(None, ge=2)  # tokens per forward pass (default 2048, <= model context)
         stride: int | None = Field(None, ge=1)  # new tokens per pass after the first (default: window)
         batch_size: int = Field(4, ge=1)  # windows per forward pass

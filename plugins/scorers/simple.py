@@ -32,6 +32,7 @@ import torch
 
 from resp_core import hookimpl
 from resp_core.interfaces import CalibrationSet, Params, RunContext, Scorer, Scores
+from resp_core.validation import Seed
 from resp_core.model.structures import UNIT_KINDS
 from resp_core.scoring import aggregate, check_scores, normalize_scores, weight_map
 
@@ -63,7 +64,7 @@ class RandomScorer(Scorer):
     """Uniform random scores U(0, 1) per unit, seeded (a control: one random removal order)."""
 
     class Params(Params):
-        seed: int = 0
+        seed: Seed = 0
 
     def __init__(self, params: "RandomScorer.Params | None" = None):
         self.params = params or self.Params()
