@@ -116,8 +116,10 @@ def test_plain_progress_lines_with_eta():
     assert lines[0].startswith("Scoring: 2/4 (50%), 12.0s elapsed, ETA 12.0s")
     assert lines[-2] == "Scoring: 4/4 done in 24.0s"
     assert lines[-1] == "[24.0s] step 1/2: target 0.200"
-    # a reporter asked for on a non-terminal console is the plain one
+    # a reporter asked for on a non-terminal console is the plain one, and lm-eval's and the
+    # datasets library's own tqdm bars are off (their work shows as RESP's phases)
     assert isinstance(RichProgressReporter(console), PlainProgressReporter)
+    assert os.environ.get("TQDM_DISABLE") == "1" and os.environ.get("HF_DATASETS_DISABLE_PROGRESS_BARS") == "1"
 
 
 def _results(n_seeds: int, with_items: bool = False) -> dict:
