@@ -20,6 +20,7 @@ Taylor ``reduction`` (resp, gisp)     ``sample_mean``                ``non_unifo
 gisp ``loss``                         ``decode`` (gold-thinking)     ``configs/section5/main/gisp_gsm8k.yaml``
 task_data                             thinking prompt, gold + EOS    ``data_prune_ds.py`` ``get_gsm8k_model_output_sample``
 gsm8k task (calibration prompt)       the bare question              same (``build_prompt(question)``)
+mathqa task (calibration prompt)      ``Question/Options/Answer:``   ``get_mathqa_model_output_sample``
 wanda_sp                              sequential, uniform, one shot  ``wanda_sp.py`` ``baseline_uniform_wanda``
 wanda_sp calibration (task_data)      ``pack: 256``                  ``wanda_sp.py`` ``process_data`` (``seq_len``)
 uniform allocator                     ratio landing on the target    ``configs/section5/main/wanda_gsm8k_*.yaml`` ``ratio``
@@ -38,8 +39,6 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-MODES = ("default", "paper")
-
 # --- the table ------------------------------------------------------------------------------------
 
 STRUCTURES = {"attention": "q_head", "sparsity_basis": "all_blocks", "protect_rounding": "floor"}
@@ -50,8 +49,9 @@ PLUGIN_PARAMS: dict[tuple[str, str], dict[str, Any]] = {
     ("scorer", "wanda_sp"): {"sequential": True},
     ("calibration", "task_data"): {"format": "chat", "enable_thinking": True},
     ("task", "gsm8k"): {"prompt_suffix": "", "reference_annotations": "keep"},
+    ("task", "mathqa"): {"prompt_format": "paper"},
     # their Qwen3-8B runs: ratio 0.7 in 112 linspace points (0.7 / 111 = 0.0063 per step),
-    # milestones judged on the measured sparsity (H2's schedule parameters)
+    # milestones judged on the measured sparsity
     ("schedule", "progressive"): {"step_size": 0.0063, "milestones_on": "reached"},
     # their Wanda-sp ratios 0.24 / 0.36 / 0.47 were set to land at 20 / 30 / 40% of all blocks
     ("allocator", "uniform"): {"target_on": "sparsity"},

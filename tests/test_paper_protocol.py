@@ -555,3 +555,18 @@ def test_validate_reports_what_paper_mode_filled_and_kept(tmp_path):
     assert result.exit_code == 0, result.output
     assert "mode paper: 6 settings set to the authors' protocol" in result.output
     assert "structures.attention = kv_group (authors': q_head)" in result.output
+
+
+def test_mathqa_paper_prompt_and_reference():
+    from resp_plugins.tasks.mathqa import MathQA
+
+    row = {"Problem": "what is 2+2 ?", "Rationale": '"2 + 2 = 4 answer : b"', "correct": "b",
+           "options": "a ) 3 , b ) 4 , c ) 5 , d ) 6 , e ) 7"}
+    task = MathQA(MathQA.Params(prompt_format="paper"))
+    task._rows["train"] = [row]
+    item = task.items("train", 1, 0)[0]
+    assert item.messages[0]["content"] == "Question: what is 2+2 ?\nOptions: a ) 3 , b ) 4 , c ) 5 , d ) 6 , e ) 7\nAnswer:"
+    assert item.reference == '"2 + 2 = 4 answer : b"' and item.answer == "b"
+    ours = MathQA()
+    ours._rows["train"] = [row]
+    assert ours.items("train", 1, 0)[0].reference == "2 + 2 = 4 answer : b\n#### b"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+from typing import Literal
 from pathlib import Path
 
 from resp_core import hookimpl
@@ -179,6 +180,10 @@ class MathQA(Task):
         data_dir: str | None = None  # folder with dev.json / test.json (and train.json); None = hub
         hub_id: str = "regisss/math_qa"  # the mirror lm-eval uses (allenai/math_qa is script-based)
         instruction: str = DEFAULT_INSTRUCTION  # last line of each prompt
+        # "paper": the authors' calibration prompt "Question: {Problem}\nOptions: {options}\nAnswer:"
+        # with the options string as given and the raw Rationale as the reference
+        # (uncc-efficient-ai/RESP modules/data/data_prune_ds.py get_mathqa_model_output_sample)
+        prompt_format: Literal["resp", "paper"] = "resp"
 
     def __init__(self, params: "MathQA.Params | None" = None):
         self.params = params or self.Params()
@@ -235,6 +240,8 @@ class MathQA(Task):
         return obj
 
     def _prompt(self, row: dict, options: dict[str, str]) -> str:
+        if self.params.prompt_format == "paper":
+            return f"Question: {row['Problem']}\nOptions: {row['options']}\nAnswer:"
         if len(options) == len(LETTERS):
             lines = [f"({k}) {options[k]}" for k in LETTERS]
         else:  # unparseable options: show them as given rather than drop the item
@@ -257,7 +264,8 @@ class MathQA(Task):
                 id=f"mathqa-{split}-{i}",
                 messages=[{"role": "user", "content": self._prompt(row, options)}],
                 answer=letter,
-                reference=f"{_strip_quotes(row['Rationale'])}\n#### {letter}",
+                reference=(row["Rationale"] if self.params.prompt_format == "paper"
+                           else f"{_strip_quotes(row['Rationale'])}\n#### {letter}"),
                 meta={"split": split, "index": i, "options": options, "category": row.get("category", "")},
             ))
         return out
