@@ -229,6 +229,9 @@ class _RecipeLoader(yaml.CSafeLoader if getattr(yaml, "__with_libyaml__", False)
         return super().construct_mapping(node, deep=deep)
 
 
+_LEADING_INDICATORS = re.compile(r"(?:[-?](?:\s+|$))*")
+
+
 def _textual_depth_bound(text: str) -> int:
     """An upper bound of the document's nesting depth from brackets, indentation and block
     indicators, cheap enough to run before the parser (libyaml is quadratic, and its composer
@@ -238,7 +241,8 @@ def _textual_depth_bound(text: str) -> int:
         stripped = line.lstrip(" ")
         indent = len(line) - len(stripped)
         depth = max(0, depth + stripped.count("[") + stripped.count("{") - stripped.count("]") - stripped.count("}"))
-        indicators = stripped.count("- ") + stripped.count("? ") + stripped.count(": ")
+        lead = _LEADING_INDICATORS.match(stripped).group(0)  # "- - - x": one block level per "- "
+        indicators = lead.count("-") + lead.count("?")
         best = max(best, depth + indent + indicators)
     return best
 
