@@ -33,6 +33,7 @@ BUILTIN_PLUGINS = (
     "resp_plugins.tasks.testbed_arith",
     "resp_plugins.tasks.gsm8k",
     "resp_plugins.tasks.mathqa",
+    "resp_plugins.tasks.word_arith",
     "resp_plugins.generators.hf",
     "resp_plugins.generators.vllm",
     "resp_plugins.calibration.task_data",
