@@ -196,6 +196,9 @@ def run(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (default
         run_path = out or (Path(resolved.recipe.output.dir) if resolved.recipe.output.dir
                            else _default_run_dir(resolved.recipe.name))
         RunDir.check_new(run_path)
+        from .plan import check_fits
+
+        check_fits(resolved.recipe)  # on a GPU: stop before loading the model when the run cannot fit
         console.print(f"[bold]RESP[/] running [cyan]{source}[/] into [cyan]{run_path}[/]")
         _protocol_line(resolved.recipe)
         result = run_recipe(resolved, run_path, RichProgressReporter(console), on_row=on_row)
@@ -315,6 +318,9 @@ def validate(recipe: Path = typer.Argument(..., help="Recipe YAML to check.")):
         _protocol_line(cmp)
         return
     resolved, source = _load(recipe, (data, source))
+    from .plan import check_fits
+
+    check_fits(resolved.recipe)  # on a GPU: the memory plan must fit
     steps = resolved.schedule.steps()
     console.print(f"[green]ok[/] {source}: {resolved.recipe.name}; scorer {resolved.recipe.scorer.name}, "
                   f"calibration {resolved.recipe.calibration.name}, {len(steps)} steps to "
@@ -504,6 +510,81 @@ def bench(quick: bool = typer.Option(False, help="Smaller model and fewer repeat
     console.print(table)
     if json_out:
         json_out.write_text(json.dumps({"scoring_overhead": so, "compaction_speedup": sp}, indent=2))
+
+
+@app.command()
+@user_errors
+def plan(recipe: Path = typer.Argument(..., help="Recipe YAML."),
+         gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="GPU memory, e.g. 80GiB (default: the "
+                                                  "--gpu's)."),
+         gpu: str = typer.Option("h100", help="Peak FLOP/s, bandwidth and memory of: h100, h200, a100, l40s."),
+         config: Optional[Path] = typer.Option(None, "--config", help="A config.json to read instead of the model's."),
+         prompt_tokens: int = typer.Option(256, help="Prompt length assumed for traces and evaluation items."),
+         mfu: float = typer.Option(0.4, help="Fraction of peak FLOP/s assumed for the time estimates."),
+         as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON.")):
+    """Peak memory of scoring and generation, and the time of each phase, from the model's config
+    alone (no weights loaded).  Exit code 1 when the run does not fit."""
+    from .plan import format_seconds, gib, make_plan, parse_size
+    from .recipe import parse_recipe
+
+    data, source = _recipe_document(recipe)
+    parsed = parse_recipe(data, source)
+    p = make_plan(parsed, parse_size(gpu_memory) if gpu_memory else None, gpu=gpu,
+                  config_file=str(config) if config else None, prompt_tokens=prompt_tokens, mfu=mfu)
+    if as_json:
+        print_json(p.to_json())
+        raise typer.Exit(1 if p.problems else 0)
+    s, c = p.settings, p.counts
+    console.print(f"[bold]{parsed.name}[/]: {p.model} ({c.parameters / 1e9:.2f}B parameters, "
+                  f"{c.projection / 1e9:.2f}B in projections; config: {p.config_source}), {p.dtype}, "
+                  f"GPU memory {gib(p.gpu_memory)}", highlight=False, soft_wrap=True)
+    table = Table(title="memory (peak)")
+    table.add_column("phase")
+    table.add_column("part")
+    table.add_column("bytes", justify="right")
+    seq = s["prompt_tokens"] + s["new_tokens"]
+    ck = "on" if s["gradient_checkpointing"] else "off"
+    for part, v in p.scoring.items():
+        table.add_row(f"scoring (batch {s['scoring_batch_size']} x {seq} tokens, checkpointing {ck})",
+                      part.replace("_", " "), gib(v))
+    table.add_row("", "[bold]scoring peak[/]", f"[bold]{gib(p.scoring_peak)}[/]")
+    other = p.scoring_checkpointed_peak if not s["gradient_checkpointing"] else None
+    if other is not None:
+        table.add_row("", "scoring peak with gradient_checkpointing: true", gib(other))
+    g = p.generation
+    if g["backend"] == "vllm":
+        table.add_row("generation (vllm)", "HF model weights", gib(g["hf_weights_bytes"]))
+        table.add_row("", "engine share (gpu_memory_utilization)", gib(g["engine_bytes"]))
+        table.add_row("", f"KV cache: {g['concurrent_sequences']} sequences of {seq} tokens at once",
+                      gib(g["kv_cache_bytes"]))
+        table.add_row("", "[bold]generation peak[/]" + (" (engine asleep while scoring)" if g["sleep_during_scoring"]
+                                                          else " (engine awake while scoring)"),
+                      f"[bold]{gib(g['peak_bytes'])}[/]")
+    else:
+        table.add_row(f"generation ({g['backend']}, batch {g['concurrent_sequences']})", "weights", gib(g["weights"]))
+        table.add_row("", f"KV cache ({seq} tokens)", gib(g["kv_cache"]))
+        table.add_row("", "logits of one step", gib(g["step_logits"]))
+        table.add_row("", "[bold]generation peak[/]", f"[bold]{gib(g['peak_bytes'])}[/]")
+    console.print(table)
+    t = p.times
+    times = Table(title=f"time (estimates from FLOP counts at {mfu:.0%} of {gpu}'s peak)")
+    times.add_column("phase")
+    times.add_column("time", justify="right")
+    times.add_row(f"one scoring pass ({s['calibration_samples']} traces)", format_seconds(t["scoring_pass"]))
+    times.add_row(f"scoring, {s['steps']} steps", format_seconds(t["scoring_all_steps"]))
+    times.add_row("calibration traces", format_seconds(t["calibration_generation"]))
+    times.add_row(f"regeneration ({s['milestones']} milestones, {s['regenerated_fractions']:.2g} sets in all)",
+                  format_seconds(t["regeneration"]))
+    items = ", ".join(f"{e['name']} {e['items']} items x {e['seeds']} seeds" for e in s["evaluators"]) or "none"
+    times.add_row(f"evaluation ({items}; {s['milestones'] + int(s['evaluate_dense'])} points)",
+                  format_seconds(t["evaluation"]))
+    times.add_row("[bold]total[/]", f"[bold]{format_seconds(t['total'])}[/]")
+    console.print(times)
+    if p.problems:
+        for line in p.problems:
+            err_console.print(f"[bold red]does not fit:[/] {line}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    console.print(f"[green]fits[/] in {gib(p.gpu_memory)}", highlight=False)
 
 
 @app.command("export")
