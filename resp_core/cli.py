@@ -201,6 +201,8 @@ def run(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (default
         check_fits(resolved.recipe)  # on a GPU: stop before loading the model when the run cannot fit
         console.print(f"[bold]RESP[/] running [cyan]{source}[/] into [cyan]{run_path}[/]")
         _protocol_line(resolved.recipe)
+    if portable:
+        console.print("(--portable: the device and a hub model missing from the local cache were not checked)")
         result = run_recipe(resolved, run_path, RichProgressReporter(console), on_row=on_row)
         name = resolved.recipe.name
     if as_json:
@@ -301,7 +303,9 @@ def report(run_dir: Path = typer.Argument(..., help="A finished comparison folde
 
 @app.command()
 @user_errors
-def validate(recipe: Path = typer.Argument(..., help="Recipe YAML to check.")):
+def validate(recipe: Path = typer.Argument(..., help="Recipe YAML to check."),
+             portable: bool = typer.Option(False, "--portable", help="The recipe is for another machine: do not "
+                                           "check the device, nor look up a hub model missing from the local cache.")):
     """Check a recipe or a comparison recipe (schema, plugin names, parameters, the model's config,
     tokenizer and weight headers, device, structures) without loading any weights."""
     from .recipe import is_comparison
@@ -312,15 +316,21 @@ def validate(recipe: Path = typer.Argument(..., help="Recipe YAML to check.")):
 
         _warn_plugin_failures()
         cmp = parse_compare(data, source)
-        resolve_compare(cmp, source)
+        resolve_compare(cmp, source, portable=portable)
         console.print(f"[green]ok[/] {source}: comparison {cmp.name}; {len(cmp.methods)} methods at "
                       f"{[f'{s:.0%}' for s in cmp.sparsities]}, seeds {cmp.seeds}")
         _protocol_line(cmp)
         return
-    resolved, source = _load(recipe, (data, source))
-    from .plan import check_fits
+    if portable:
+        from .recipe import parse_recipe, resolve
 
-    check_fits(resolved.recipe)  # on a GPU: the memory plan must fit
+        _warn_plugin_failures()
+        resolved = resolve(parse_recipe(data, source), source=source, portable=True)
+    else:
+        resolved, source = _load(recipe, (data, source))
+        from .plan import check_fits
+
+        check_fits(resolved.recipe)  # on a GPU: the memory plan must fit
     steps = resolved.schedule.steps()
     console.print(f"[green]ok[/] {source}: {resolved.recipe.name}; scorer {resolved.recipe.scorer.name}, "
                   f"calibration {resolved.recipe.calibration.name}, {len(steps)} steps to "

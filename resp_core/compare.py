@@ -236,17 +236,19 @@ def dense_recipe(cmp: CompareRecipe, registry) -> Recipe:
                   evaluation=EvaluationSection(evaluators=_evaluators_with_seeds(cmp, registry)))
 
 
-def resolve_compare(cmp: CompareRecipe, source: str):
-    """Build every method's recipe and resolve it (plugin names, params, paths) before running."""
+def resolve_compare(cmp: CompareRecipe, source: str, portable: bool = False):
+    """Build every method's recipe and resolve it (plugin names, params, paths) before running.
+    ``portable``: skip the checks that depend on this machine (see :func:`resp_core.recipe.resolve`)."""
     from .registry import get_registry
 
     reg = get_registry()
-    check_model_path(cmp.model)
+    if not portable:
+        check_model_path(cmp.model)
     resolved = []
     for i, m in enumerate(cmp.methods):
         r = method_recipe(cmp, m, reg)
         try:
-            resolved.append((m, resolve(r, reg)))
+            resolved.append((m, resolve(r, reg, portable=portable)))
         except RespError as exc:
             raise RespError(f"{source}: methods[{i}] ({m.label}): {exc}") from None
     return resolved

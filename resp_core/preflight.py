@@ -192,7 +192,7 @@ def _check_local(path: str, folder: Path, field: str) -> ModelInfo:
     return ModelInfo(path, folder, cfg)
 
 
-def _check_hub(path: str, revision: str | None, field: str) -> ModelInfo:
+def _check_hub(path: str, revision: str | None, field: str, portable: bool = False) -> ModelInfo:
     import logging
 
     from huggingface_hub import try_to_load_from_cache
@@ -202,6 +202,8 @@ def _check_hub(path: str, revision: str | None, field: str) -> ModelInfo:
         cfg = read_config(Path(cached), field)
         check_config(cfg, f"{path} (cached config.json)", field)
         return ModelInfo(path, Path(cached).parent, cfg)
+    if portable:  # a recipe written for another machine: the hub is not asked
+        return ModelInfo(path, None, None)
     if _offline():
         raise RespError(f"{field}: {path!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
                         f"download it first (`hf download {path}`) or give a local folder")
@@ -242,11 +244,16 @@ def _check_hub(path: str, revision: str | None, field: str) -> ModelInfo:
     return ModelInfo(path, local.parent, cfg)
 
 
-def check_model(section: Any, field: str = "model.path") -> ModelInfo:
-    """Check the recipe's ``model`` section without loading weights (see the module docstring)."""
+def check_model(section: Any, field: str = "model.path", portable: bool = False) -> ModelInfo:
+    """Check the recipe's ``model`` section without loading weights (see the module docstring).
+
+    ``portable``: the recipe is meant for another machine (``respctl validate --portable``): the
+    device is not checked and a hub model that is not in the local cache is not looked up, so the
+    structure checks that need its config are skipped; everything else is checked."""
     from .recipe import HUB_ID
 
-    check_device(section.device)
+    if not portable:
+        check_device(section.device)
     path = section.path
     gguf_file = getattr(section, "gguf_file", None)
     if gguf_file or (Path(path).expanduser().is_file() and path != TESTBED_MODEL):
@@ -262,7 +269,7 @@ def check_model(section: Any, field: str = "model.path") -> ModelInfo:
     folder = Path(path).expanduser()
     if folder.exists() or not HUB_ID.match(path) or path.startswith((".", "/", "~")):
         return _check_local(path, folder, field)
-    return _check_hub(path, section.revision, field)
+    return _check_hub(path, section.revision, field, portable)
 
 
 def transformers_config(info: ModelInfo):

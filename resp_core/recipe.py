@@ -388,22 +388,24 @@ def check_against_model(resolved: "ResolvedRecipe", info) -> None:
     check_plan(structures, resolved.schedule.steps(), budget)
 
 
-def resolve(recipe: Recipe, registry: Registry | None = None, source: str | None = None) -> ResolvedRecipe:
+def resolve(recipe: Recipe, registry: Registry | None = None, source: str | None = None,
+            portable: bool = False) -> ResolvedRecipe:
     """Build every plugin and check the model, device, structures and schedule without loading
-    weights.  ``source`` (the recipe file) prefixes every error message."""
+    weights.  ``source`` (the recipe file) prefixes every error message.  ``portable``: skip the
+    checks that depend on this machine (device; hub models not in the local cache)."""
     try:
-        return _resolve(recipe, registry)
+        return _resolve(recipe, registry, portable)
     except RespError as exc:
         if source and not str(exc).startswith(source):
             raise type(exc)(f"{source}: {exc}") from None
         raise
 
 
-def _resolve(recipe: Recipe, registry: Registry | None = None) -> ResolvedRecipe:
+def _resolve(recipe: Recipe, registry: Registry | None = None, portable: bool = False) -> ResolvedRecipe:
     from .preflight import check_model
 
     reg = registry or get_registry()
-    info = check_model(recipe.model)
+    info = check_model(recipe.model, portable=portable)
     if recipe.init_from:
         from .init_from import check_init_from
 
