@@ -473,53 +473,114 @@ def testbed_evaluate(model: str = typer.Option("testbed", help="'testbed' or a m
 
 @app.command()
 @user_errors
-def bench(quick: bool = typer.Option(False, help="Smaller model and fewer repeats (a smoke run)."),
+def bench(quick: bool = typer.Option(False, help="Smaller models and fewer repeats (a smoke run)."),
+          model: Optional[str] = typer.Option(None, "--model", help="Time this model's dense vs compacted decode and "
+                                              "prefill (a folder, hub id or GGUF file) instead of the random one."),
+          sparsity: float = typer.Option(0.4, help="Sparsity of the compacted model (of its prunable blocks)."),
+          device: str = typer.Option("cpu", help="cpu or cuda[:N]."),
+          gpu_check: bool = typer.Option(False, "--gpu-check", help="The GPU check instead: a random Qwen3-8B-shaped "
+                                         "bf16 model, one scoring pass on 8 x 2048 tokens, MFU, peak memory, "
+                                         "compaction speedups (needs a GPU with ~80 GB)."),
+          tp_timeout: float = typer.Option(300.0, help="Seconds allowed to each child process (Torch-Pruning's graph "
+                                           "building included)."),
           json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures to this JSON file.")):
-    """Measure scoring overhead and compaction speedup side by side (prints ratios; asserts nothing)."""
-    import json
-
+    """Measure side by side: scoring pass vs its fair floor, a plain fwd+bwd and Torch-Pruning's
+    GroupTaylor pass (time and peak RSS); dense vs compacted decode and prefill.  Prints ratios
+    next to their goals; asserts nothing."""
     import torch
 
-    from .bench import SpeedupConfig, compaction_speedup, random_calibration, scoring_overhead
+    from . import bench as B
 
-    console.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    from .loading import TESTBED_DIR
-    from .recipe import ModelSection
-
-    if (TESTBED_DIR / "model.safetensors").is_file():
-        from .loading import load_model_and_tokenizer
-
-        model, tok = load_model_and_tokenizer(ModelSection(path="testbed"))
-        label = "testbed"
-    else:
-        from transformers import Qwen3Config, Qwen3ForCausalLM
-
-        model = Qwen3ForCausalLM(Qwen3Config(vocab_size=512, hidden_size=96, intermediate_size=256, num_hidden_layers=6,
-                                             num_attention_heads=6, num_key_value_heads=3, head_dim=16)).eval()
-        label = "random testbed-shaped"
-    samples = random_calibration(model.config.vocab_size, 16 if quick else 64, 32, 96)
-    with console.status("Timing scoring pass vs plain forward+backward"):
-        so = scoring_overhead(model, samples, 0, 16, repeats=2 if quick else 5)
-    cfg = SpeedupConfig(layers=4, hidden=256, intermediate=768, heads=4, kv_heads=2, vocab=8000,
-                        decode_tokens=16, prefill_len=64) if quick else SpeedupConfig()
-    with console.status("Timing dense vs compacted decode and prefill"):
-        sp = compaction_speedup(cfg, repeats=2 if quick else 5)
+    if not 0.0 < sparsity < 1.0:
+        raise RespError(f"--sparsity: {sparsity} is outside (0, 1)")
+    if device != "cpu" and (not device.startswith("cuda") or not torch.cuda.is_available()):
+        raise RespError(f"--device: {device!r} is not available here (this torch has no CUDA device); use cpu")
+    console.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
     table = Table(title="RESP benchmark (measured side by side in this run)")
     table.add_column("measurement")
     table.add_column("value", justify="right")
     table.add_column("goal", justify="right")
-    table.add_row(f"scoring pass / plain fwd+bwd ({label} model, {so['tokens']} tokens)",
-                  f"{so['ratio']:.3f}  ({so['scoring_s']:.2f}s / {so['plain_fwd_bwd_s']:.2f}s)", "<= 1.10")
-    table.add_row("dense / compacted parameters (ideal speedup)",
-                  f"{sp['ideal_speedup']:.3f}  ({sp['dense_parameters'] / 1e6:.1f}M / {sp['compacted_parameters'] / 1e6:.1f}M)", "")
-    table.add_row("decode speedup, batch 1 (dense / compacted time)",
-                  f"{sp['decode_speedup']:.3f}  = {sp['decode_fraction_of_ideal']:.2f} of ideal", ">= 0.9 of ideal")
-    table.add_row(f"prefill speedup, batch {cfg.prefill_batch} x {cfg.prefill_len}",
-                  f"{sp['prefill_speedup']:.3f}  = {sp['prefill_fraction_of_ideal']:.2f} of ideal", ">= 0.9 of ideal")
-    table.add_row("max |logit diff| masked vs compacted", f"{sp['max_abs_logit_diff']:.1e}", "")
+    figures: dict = {}
+    if gpu_check:
+        with console.status("GPU check: Qwen3-8B-shaped bf16 model"):
+            r = figures["gpu_check"] = B.gpu_check(device if device != "cpu" else "cuda")
+        mfu = f"{r['mfu_projection']:.1%} (all parameters: {r['mfu_all_parameters']:.1%})" if r["peak_flops"] else "n/a"
+        table.add_row(f"scoring pass, {r['traces']} x {r['trace_len']} tokens, {r['device']}",
+                      f"{r['scoring_s']:.2f} s = {r['tokens_per_s']:,.0f} tokens/s", "")
+        table.add_row("model FLOPs utilization (6·N·tokens / time / peak)", mfu, "")
+        table.add_row("peak memory (planned by respctl plan)",
+                      f"{r['peak_memory_bytes'] / 2**30:.1f} GiB ({r['planned_peak_bytes'] / 2**30:.1f} GiB)", "")
+        _speedup_rows(table, r["compaction"], "compacted Qwen3-8B shape")
+    elif model is not None:
+        from .loading import load_model_and_tokenizer, model_source
+        from .recipe import ModelSection
+
+        src = model_source(model, field="--model")
+        section = ModelSection(path=src.location, gguf_file=src.gguf_file) if src.gguf_file else ModelSection(path=model)
+        m, _ = load_model_and_tokenizer(section, device="cpu")
+        cfg = B.SpeedupConfig(sparsity=sparsity, decode_tokens=16 if quick else 48,
+                              prefill_len=64 if quick else 256)
+        with console.status(f"Timing dense vs compacted decode and prefill of {model}"):
+            sp = figures["compaction_speedup"] = B.compaction_speedup(cfg, repeats=2 if quick else 5, model=m,
+                                                                     device=device)
+        _speedup_rows(table, sp, model, cfg)
+    else:
+        shape = B.QUICK_SCORING_MODEL if quick else B.SCORING_MODEL
+        n, prompt, target, bs = (4, 16, 16, 2) if quick else (16, 64, 64, 16)
+        m = B.random_qwen3(shape, device=device)
+        samples = B.random_calibration(shape["vocab_size"], n, prompt, target)
+        label = f"random {sum(p.numel() for p in m.parameters()) / 1e6:.0f}M Qwen3, {n} x {prompt + target} tokens"
+        with console.status("Timing scoring pass vs fair floor vs plain fwd+bwd"):
+            so = figures["scoring_overhead"] = B.scoring_overhead(m, samples, 0, bs, repeats=2 if quick else 5)
+        del m
+        table.add_row(f"scoring pass / fair floor ({label}; floor: fwd+bwd, projection gradients, same labels)",
+                      f"{so['ratio_floor']:.3f}  ({so['scoring_s']:.3f}s / {so['floor_s']:.3f}s)", "<= 1.02")
+        table.add_row("scoring pass / plain fwd+bwd (every parameter trainable)",
+                      f"{so['ratio_plain']:.3f}  ({so['scoring_s']:.3f}s / {so['plain_fwd_bwd_s']:.3f}s)", "")
+        if device == "cpu":
+            with console.status("Peak RSS and Torch-Pruning's GroupTaylor pass, in child processes"):
+                tp = figures["torch_pruning"] = B.torch_pruning_comparison(shape, n, prompt, target, bs,
+                                                                           2 if quick else 3, tp_timeout)
+            rs, rf = tp["peak_rss"]["scoring"], tp["peak_rss"]["floor"]
+            if "error" not in rs and "error" not in rf:
+                table.add_row("peak RSS added: scoring pass / fair floor",
+                              f"{rs['peak_rss_added'] / rf['peak_rss_added']:.3f}  ({rs['peak_rss_added'] / 2**20:.0f} / "
+                              f"{rf['peak_rss_added'] / 2**20:.0f} MiB)", "")
+            t = tp["torch_pruning"]
+            if t is None:
+                table.add_row("scoring pass / Torch-Pruning GroupTaylor", "torch-pruning not installed", "<= 0.75")
+            elif "error" in t:
+                table.add_row("scoring pass / Torch-Pruning GroupTaylor",
+                              f"not measured: Torch-Pruning {t['error']} (graph building, rotary bypassed)", "<= 0.75")
+            else:
+                table.add_row("scoring pass / Torch-Pruning GroupTaylor (rotary bypassed for graph building only)",
+                              f"{t['ratio']:.3f}  ({t['scoring_s']:.3f}s / {t['torch_pruning_s']:.3f}s)", "<= 0.75")
+                if "error" not in rs:
+                    table.add_row("peak RSS added: scoring pass / Torch-Pruning",
+                                  f"{rs['peak_rss_added'] / t['peak_rss_added']:.3f}", "<= 0.8")
+        cfg = B.SpeedupConfig(layers=4, hidden=256, intermediate=768, heads=4, kv_heads=2, vocab=8000,
+                              decode_tokens=16, prefill_len=64, sparsity=sparsity) if quick \
+            else B.SpeedupConfig(sparsity=sparsity)
+        with console.status("Timing dense vs compacted decode and prefill"):
+            sp = figures["compaction_speedup"] = B.compaction_speedup(cfg, repeats=2 if quick else 5, device=device)
+        _speedup_rows(table, sp, "random Qwen3", cfg)
     console.print(table)
     if json_out:
-        json_out.write_text(json.dumps({"scoring_overhead": so, "compaction_speedup": sp}, indent=2))
+        json_out.write_text(json.dumps(figures, indent=2, default=str))
+
+
+def _speedup_rows(table, sp: dict, label: str, cfg=None) -> None:
+    table.add_row(f"dense / compacted parameters ({label}, {sp['sparsity_of_prunable_blocks']:.0%} of prunable blocks)",
+                  f"{sp['ideal_speedup']:.3f}  ({sp['dense_parameters'] / 1e6:.1f}M / "
+                  f"{sp['compacted_parameters'] / 1e6:.1f}M)", "")
+    table.add_row(f"decode speedup, batch 1, {sp['decode_tokens']} tokens (dense / compacted time)",
+                  f"{sp['decode_speedup']:.3f}  = {sp['decode_fraction_of_ideal']:.2f} of ideal "
+                  f"({sp['decode_tokens_per_s']['dense']:.1f} -> {sp['decode_tokens_per_s']['compact']:.1f} tokens/s)",
+                  ">= 0.9 of ideal")
+    shape = f", batch {cfg.prefill_batch} x {cfg.prefill_len}" if cfg is not None else ""
+    table.add_row(f"prefill speedup{shape}",
+                  f"{sp['prefill_speedup']:.3f}  = {sp['prefill_fraction_of_ideal']:.2f} of ideal", ">= 0.9 of ideal")
+    table.add_row("max |logit diff| masked vs compacted", f"{sp['max_abs_logit_diff']:.1e}", "")
 
 
 @app.command()
