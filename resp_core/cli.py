@@ -224,13 +224,19 @@ def compare(recipe: Path = typer.Argument(..., help="Comparison recipe YAML (met
             seeds: Optional[str] = typer.Option(None, help="Override the recipe's seeds, e.g. '0' or '0,1,2'."),
             ci: str = CI_OPTION,
             as_json: bool = typer.Option(False, "--json", help="Print the results (results.json) on stdout when "
-                                         "done (progress goes to stderr).")):
+                                         "done (progress goes to stderr)."),
+            executor: str = typer.Option("serial", help="Where the pruning paths run: serial (here, one after the "
+                                         "other) or ray (one Ray task each)."),
+            address: Optional[str] = typer.Option(None, help="With --executor ray: the cluster to join ('auto', "
+                                                  "host:port, ray://...); default: a local Ray instance.")):
     """Run methods side by side on the same model, prompts, structures and seeds; table, CSV/JSON, report, plot."""
     from .compare import parse_compare, resolve_compare, run_compare
+    from .executors import make_executor
     from .progress import RichProgressReporter
     from .report import rich_table
 
     _check_ci(ci)
+    runner = None if executor == "serial" and address is None else make_executor(executor, address)
     console = err_console if as_json else globals()["console"]
 
     data, source = _recipe_document(recipe)
@@ -257,7 +263,7 @@ def compare(recipe: Path = typer.Argument(..., help="Comparison recipe YAML (met
     else:
         console.print(f"[bold]RESP[/] comparing {len(cmp.methods)} methods into [cyan]{folder}[/]")
     _protocol_line(cmp, console)
-    results = run_compare(cmp, str(recipe), folder, RichProgressReporter(console), console)
+    results = run_compare(cmp, str(recipe), folder, RichProgressReporter(console), console, executor=runner)
     if ci != "seeds":
         from .compare import write_results
 

@@ -390,7 +390,9 @@ def write_results(folder: Path, results: dict, ci: str = "seeds") -> None:
     atomic_write_text(folder / "report.md", render_markdown(results, plot="accuracy.png", ci=ci))
 
 
-def run_compare(cmp: CompareRecipe, source: str, folder: Path, progress, console=None) -> dict:
+def run_compare(cmp: CompareRecipe, source: str, folder: Path, progress, console=None, executor=None) -> dict:
+    """Run (or extend) a comparison.  ``executor`` (resp_core/executors.py): where the pruning
+    paths run; None runs them here, one after the other."""
     from .loading import load_model_and_tokenizer
     from .pipeline import build_context, evaluate_point, run_recipe
     from .registry import get_registry
@@ -434,6 +436,7 @@ def run_compare(cmp: CompareRecipe, source: str, folder: Path, progress, console
     else:
         _extend_seeds(merged, dense_dir, None, progress, reg)
 
+    jobs = []  # pruning paths left to run, when an executor runs them
     for method, res in resolved_methods:
         for sub, target in method_runs(merged, method):
             run = folder / sub
@@ -449,8 +452,15 @@ def run_compare(cmp: CompareRecipe, source: str, folder: Path, progress, console
                 say(f"[bold]{method.label}[/]: pruning to {', '.join(f'{s:.0%}' for s in merged.sparsities)}")
             else:
                 say(f"[bold]{method.label}[/]: pruning to {target:.0%} in one shot from the dense model")
+            if executor is not None:
+                from .executors import PathJob
+
+                jobs.append(PathJob(method.label, target, sub))
+                continue
             res = resolve(method_recipe(merged, method, reg, target, folder), reg)
             run_recipe(res, run, progress)
+    if jobs:
+        executor.run(merged, folder, jobs, say, progress)
     results = collect_results(folder)
     write_results(folder, results)
     return results
