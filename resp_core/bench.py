@@ -198,7 +198,16 @@ def _child_main(spec: dict) -> dict:
     import resource
     import time as _time
 
-    import psutil
+    def rss() -> int:
+        try:
+            import psutil
+
+            return psutil.Process().memory_info().rss
+        except ImportError:  # Linux without psutil
+            import os
+
+            with open("/proc/self/statm") as fh:
+                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     torch.set_num_threads(1)
     kind = spec["kind"]
@@ -228,7 +237,7 @@ def _child_main(spec: dict) -> dict:
         tp_pass(tiny, tiny_pruner, list(CalibrationSet(warm, 0).batches(2, "decode")))
         del tiny, tiny_pruner
         gc.collect()
-        base = psutil.Process().memory_info().rss
+        base = rss()
         t0 = _time.perf_counter()
         groups = tp_pass(model, pruner, batches)
         first = _time.perf_counter() - t0
@@ -246,7 +255,7 @@ def _child_main(spec: dict) -> dict:
     del tiny, fns
     fn = scoring_contenders(model, samples, 0, spec["batch"])[kind]
     gc.collect()
-    base = psutil.Process().memory_info().rss
+    base = rss()
     t0 = _time.perf_counter()
     fn()
     first = _time.perf_counter() - t0
