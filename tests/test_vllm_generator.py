@@ -496,3 +496,24 @@ def test_every_vllm_name_exists_in_the_installed_package():
             assert hf in packed[fused], (cls.__name__, hf)
         assert "weights" in inspect.signature(cls.load_weights).parameters
     assert vllm.__version__
+
+
+def test_pipeline_calls_the_scoring_hooks_around_every_scoring_pass(tmp_path, tiny_model_dir, monkeypatch):
+    """The run loop brackets each scorer.score with generator.before_scoring / after_scoring (where
+    the vLLM generator sleeps), in that order, once per pruning step."""
+    from resp_core.pipeline import run_recipe
+    from resp_core.recipe import parse_recipe, resolve
+
+    from test_cli import small_recipe
+
+    calls: list[str] = []
+    monkeypatch.setattr(HFGenerator, "before_scoring", lambda self: calls.append("before"), raising=False)
+    monkeypatch.setattr(HFGenerator, "after_scoring", lambda self: calls.append("after"), raising=False)
+    recipe = small_recipe(tiny_model_dir)
+    recipe["evaluation"]["evaluators"] = []
+    resolved = resolve(parse_recipe(recipe, "recipe"))
+    real = resolved.scorer.score
+    monkeypatch.setattr(resolved.scorer, "score", lambda ctx, calib: (calls.append("score"), real(ctx, calib))[1])
+    run_recipe(resolved, tmp_path / "run")
+    steps = len(resolved.schedule.steps())
+    assert calls == ["before", "score", "after"] * steps
