@@ -201,8 +201,6 @@ def run(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (default
         check_fits(resolved.recipe)  # on a GPU: stop before loading the model when the run cannot fit
         console.print(f"[bold]RESP[/] running [cyan]{source}[/] into [cyan]{run_path}[/]")
         _protocol_line(resolved.recipe)
-    if portable:
-        console.print("(--portable: the device and a hub model missing from the local cache were not checked)")
         result = run_recipe(resolved, run_path, RichProgressReporter(console), on_row=on_row)
         name = resolved.recipe.name
     if as_json:
@@ -342,6 +340,8 @@ def validate(recipe: Path = typer.Argument(..., help="Recipe YAML to check."),
                   f"calibration {resolved.recipe.calibration.name}, {len(steps)} steps to "
                   f"{steps[-1].sparsity:.0%} with milestones {[s.sparsity for s in steps if s.milestone]}")
     _protocol_line(resolved.recipe)
+    if portable:
+        console.print("(--portable: the device and a hub model missing from the local cache were not checked)")
 
 
 @app.command()
@@ -604,10 +604,29 @@ def plan(recipe: Path = typer.Argument(..., help="Recipe YAML."),
     from .plan import format_seconds, gib, make_plan, parse_size
     from .recipe import parse_recipe
 
+    from .recipe import is_comparison
+
     data, source = _recipe_document(recipe)
-    parsed = parse_recipe(data, source)
-    p = make_plan(parsed, parse_size(gpu_memory) if gpu_memory else None, gpu=gpu,
-                  config_file=str(config) if config else None, prompt_tokens=prompt_tokens, mfu=mfu)
+    memory = parse_size(gpu_memory) if gpu_memory else None
+    kw = dict(gpu=gpu, config_file=str(config) if config else None, prompt_tokens=prompt_tokens, mfu=mfu)
+    if is_comparison(data):  # every method's run; the plan shown is the one with the largest scoring peak
+        from .compare import is_oneshot, method_recipe, parse_compare
+        from .registry import get_registry
+
+        cmp = parse_compare(data, source)
+        reg = get_registry()
+        plans = [(m.label, make_plan(method_recipe(cmp, m, reg, cmp.sparsities[-1] if is_oneshot(m) else None), memory,
+                                     **kw)) for m in cmp.methods]
+        label, p = max(plans, key=lambda lp: lp[1].scoring_peak)
+        parsed = method_recipe(cmp, next(m for m in cmp.methods if m.label == label), reg,
+                               cmp.sparsities[-1] if is_oneshot(next(m for m in cmp.methods if m.label == label)) else None)
+        if not as_json:
+            console.print(f"comparison {cmp.name}: {len(plans)} methods, one run each (x sparsities for one-shot "
+                          f"methods); scoring peaks: " + ", ".join(f"{lb} {gib(pl.scoring_peak)}" for lb, pl in plans)
+                          + f"; the plan of {label}:", highlight=False, soft_wrap=True)
+    else:
+        parsed = parse_recipe(data, source)
+        p = make_plan(parsed, memory, **kw)
     if as_json:
         print_json(p.to_json())
         raise typer.Exit(1 if p.problems else 0)
