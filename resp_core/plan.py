@@ -4,8 +4,10 @@ Nothing is loaded but ``config.json``: parameter counts come from the model buil
 device (``AutoModelForCausalLM.from_config`` under ``torch.device("meta")``: exact counts, no
 memory), everything else is arithmetic on the config and the recipe.
 
-**Scoring** (the gradient pass of ``resp_core/scoring.py``; the peak is at the start of backward
-of the last batch, when every gradient buffer already exists):
+**Scoring** with a gradient scorer (:data:`GRADIENT_SCORERS`: the gradient pass of
+``resp_core/scoring.py``; the peak is at the start of backward of the last batch, when every
+gradient buffer already exists); activation-statistics scorers run forward only
+(:func:`forward_only_memory`, a coarser estimate):
 
 * weights: every parameter in the model's dtype;
 * projection gradients: float32 buffers of every projection weight (bf16 / fp16 gradients are
@@ -183,6 +185,23 @@ def activation_elements_per_token_layer(c: ModelCounts, dtype: str, context: flo
             + k["kv"] * c.kv_heads * c.head_dim + k["context"] * context)
 
 
+# scorers that backpropagate (the gradient pass); the others (wanda_sp, flap, sparsegpt, magnitude,
+# random, shortgpt) only run forward passes under no_grad
+GRADIENT_SCORERS = ("resp", "gisp", "llm_pruner")
+
+
+def forward_only_memory(c: ModelCounts, dtype: str, batch_size: int, seq_len: int) -> dict[str, float]:
+    """Activation-statistics scorers: weights, one layer's forward intermediates, the logits of a
+    full forward, and per-layer statistics (an input-sized Hessian per projection input for
+    SparseGPT at most: hidden² and intermediate² in float32)."""
+    e = DTYPE_BYTES[dtype]
+    tokens = batch_size * seq_len
+    return {"weights": c.parameters * e, "projection_gradients": 0.0,
+            "activations": tokens * e * (4 * c.hidden + 3 * c.intermediate + c.heads * c.head_dim),
+            "output_head": tokens * c.vocab * max(e, 4),
+            "backward_transients": 4.0 * (c.hidden ** 2 + c.intermediate ** 2)}
+
+
 def scoring_memory(c: ModelCounts, dtype: str, batch_size: int, seq_len: int, labelled: int,
                    checkpointing: bool) -> dict[str, float]:
     """Bytes of each part of the scoring pass at its peak (see the module docstring).
@@ -353,8 +372,11 @@ def make_plan(recipe, gpu_memory: int | None = None, gpu: str = "h100", config_f
     s = recipe_settings(recipe, prompt_tokens)
     seq = s["prompt_tokens"] + s["new_tokens"]
     bs = s["scoring_batch_size"]
-    scoring = scoring_memory(counts, dtype, bs, seq, s["new_tokens"], s["gradient_checkpointing"])
-    ckpt = scoring_memory(counts, dtype, bs, seq, s["new_tokens"], True)
+    if recipe.scorer.name in GRADIENT_SCORERS:
+        scoring = scoring_memory(counts, dtype, bs, seq, s["new_tokens"], s["gradient_checkpointing"])
+        ckpt = scoring_memory(counts, dtype, bs, seq, s["new_tokens"], True)
+    else:
+        scoring = ckpt = forward_only_memory(counts, dtype, bs, seq)
     memory = gpu_memory if gpu_memory is not None else dev["memory"]
     # generation
     gp = s["generator_params"]
@@ -379,6 +401,8 @@ def make_plan(recipe, gpu_memory: int | None = None, gpu: str = "h100", config_f
     # time
     flops, bw = dev["flops"], dev["bandwidth"]
     score_s = scoring_flops(counts, s["calibration_samples"], seq, s["new_tokens"]) / (flops * mfu)
+    if recipe.scorer.name not in GRADIENT_SCORERS:
+        score_s /= 3  # forward only
     calib_gen = generation_time(counts, dtype, s["calibration_samples"], s["prompt_tokens"], s["new_tokens"],
                                 max(1, concurrency), flops, bw, mfu)
     regen = s["regenerated_fractions"] * calib_gen
@@ -403,7 +427,10 @@ def fit_problems(plan: Plan, memory: int) -> list[str]:
     gen = plan.generation
     if gen["backend"] == "vllm" and not gen["sleep_during_scoring"]:
         peak += gen["engine_bytes"]
-    if peak > memory:
+    if peak > memory and not plan.scoring["projection_gradients"]:
+        out.append(f"scoring (forward only) needs {gib(peak)} but the GPU has {gib(memory)}: set "
+                   "scorer.params.batch_size smaller, or use a GPU with more memory")
+    elif peak > memory:
         fixes = []
         if s["scoring_batch_size"] > 1:
             fixes.append("scorer.params.batch_size: 1")

@@ -168,3 +168,20 @@ def test_cli_plan(tmp_path):
     assert r.exit_code == 1
     data = json.loads(r.stdout)
     assert data["problems"] and data["scoring_peak_bytes"] > 24 * 2**30
+
+
+def test_comparison_plan_takes_the_heaviest_method_and_forward_only_scorers():
+    from typer.testing import CliRunner
+
+    from resp_core.cli import app
+
+    r = CliRunner().invoke(app, ["plan", str(REPO / "recipes" / "qwen3-8b-table1-gsm8k.yaml"), "--gpu-memory", "80GiB"])
+    assert r.exit_code == 0, r.output
+    assert "4 methods" in r.output and "the plan of RESP" in r.output
+    from resp_core.recipe import PluginRef
+
+    resp = load_recipe(REPO / "recipes" / "qwen3-8b-gsm8k-resp.yaml")
+    wanda = resp.model_copy(update={"scorer": PluginRef(name="wanda_sp", params={"batch_size": 1})})
+    plan = make_plan(wanda, parse_size("80GiB"))
+    assert plan.scoring["projection_gradients"] == 0
+    assert plan.scoring_peak < make_plan(resp, parse_size("80GiB")).scoring_peak / 2
