@@ -44,17 +44,28 @@ def band(c: dict | None, ci: str = "seeds") -> tuple[float, float] | None:
     return (c["mean"] - h, c["mean"] + h) if finite(h) else None
 
 
-def _fmt(c: dict | None, ci: str = "seeds") -> str:
+RAW_METRIC_WORDS = ("perplexity", "bits_per_byte", "loss")
+
+
+def is_fraction(metric: str) -> bool:
+    """Accuracies and other fractions are shown in %; perplexities, bits per byte and losses as
+    they are."""
+    return not any(w in metric for w in RAW_METRIC_WORDS)
+
+
+def _fmt(c: dict | None, ci: str = "seeds", metric: str = "") -> str:
     if c is None:
         return ""
     if not finite(c.get("mean")):
         return "n/a"
+    k = 100 if is_fraction(metric or str(c.get("metric", ""))) else 1
+    d = 1 if k == 100 else 3
     b = band(c, ci)
     if b is None:
-        return f"{100 * c['mean']:.1f}"
+        return f"{k * c['mean']:.{d}f}"
     if ci == "seeds":
-        return f"{100 * c['mean']:.1f} ± {100 * c['ci95']:.1f}"
-    return f"{100 * c['mean']:.1f} [{100 * b[0]:.1f}, {100 * b[1]:.1f}]"
+        return f"{k * c['mean']:.{d}f} ± {k * c['ci95']:.{d}f}"
+    return f"{k * c['mean']:.{d}f} [{k * b[0]:.{d}f}, {k * b[1]:.{d}f}]"
 
 
 def _pivot(results: dict):
@@ -83,7 +94,8 @@ def rich_table(results: dict, ci: str = "seeds") -> Table:
     metrics, methods, targets, cell = _pivot(results)
     single = len(metrics) == 1
     what = metrics[0] if single else "accuracy"
-    table = Table(title=f"{results['info']['name']}: {what} % ({ci_words(results, ci)})")
+    unit = " %" if is_fraction(what) else ""
+    table = Table(title=f"{results['info']['name']}: {what}{unit} ({ci_words(results, ci)})")
     table.add_column("method")
     if not single:
         table.add_column("metric")
@@ -117,7 +129,7 @@ def render_markdown(results: dict, plot: str | None = None, ci: str = "seeds") -
         "",
     ]
     for metric in metrics:
-        lines.append(f"## {metric} (%)")
+        lines.append(f"## {metric}" + (" (%)" if is_fraction(metric) else ""))
         lines.append("")
         lines.append("| method | 0% | " + " | ".join(f"{t:.0%}" for t in targets) + " |")
         lines.append("|---|" + "---|" * (len(targets) + 1))
@@ -161,8 +173,11 @@ def plot_series(results: dict, metric: str, ci: str = "seeds") -> dict[str, list
                 continue
             x = c.get("sparsity") if finite(c.get("sparsity")) else c["target"]
             b = band(c, ci)
-            clipped = None if b is None else (min(100.0, max(0.0, 100 * b[0])), min(100.0, max(0.0, 100 * b[1])))
-            points.append((100 * x, 100 * c["mean"], clipped))
+            if is_fraction(metric):
+                clipped = None if b is None else (min(100.0, max(0.0, 100 * b[0])), min(100.0, max(0.0, 100 * b[1])))
+                points.append((100 * x, 100 * c["mean"], clipped))
+            else:
+                points.append((100 * x, c["mean"], None if b is None else (max(0.0, b[0]), b[1])))
         out[m] = points
     return out
 
@@ -203,9 +218,13 @@ def render_plot(results: dict, path: Path, ci: str = "seeds") -> list[Path]:
                     x, y, (lo, hi) = banded[0]
                     ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], color=line.get_color(), capsize=3)
             ax.set_xlabel(f"reached sparsity, % {BASIS_WORDS.get(basis, basis)}")
-            ax.set_ylabel("accuracy (%)")
             ax.set_title(metric)
-            ax.set_ylim(-2, 102)
+            if is_fraction(metric):
+                ax.set_ylabel("accuracy (%)")
+                ax.set_ylim(-2, 102)
+            else:
+                ax.set_ylabel(metric.rsplit("/", 1)[-1].replace("_", " "))
+                ax.set_yscale("log")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         title = results["info"]["name"]

@@ -231,3 +231,18 @@ def test_results_json_is_valid_json(tmp_path):
     assert json_safe({"a": [float("nan"), 1.5]}) == {"a": [None, 1.5]}
     for name in ("accuracy.png", "accuracy.pdf", "accuracy.svg", "report.md", "results.csv"):
         assert (tmp_path / name).is_file(), name
+
+
+def test_perplexity_is_shown_as_is_not_as_a_percentage():
+    from resp_core.report import _fmt, is_fraction, plot_series
+
+    assert is_fraction("testbed_arith/accuracy") and not is_fraction("gsm8k_text/word_perplexity")
+    cell = {"metric": "gsm8k_text/perplexity", "mean": 4.007, "ci95": 0.25, "target": 0.0, "sparsity": 0.0}
+    assert _fmt(cell) == "4.007 ± 0.250"
+    acc = {"metric": "testbed_arith/accuracy", "mean": 0.5, "ci95": 0.1, "target": 0.0, "sparsity": 0.0}
+    assert _fmt(acc) == "50.0 ± 10.0"
+    results = {"info": {"name": "x"}, "rows": [
+        {"method": "dense", **cell},
+        {"method": "m", "metric": "gsm8k_text/perplexity", "mean": 120.0, "ci95": 30.0, "target": 0.4, "sparsity": 0.4}]}
+    points = plot_series(results, "gsm8k_text/perplexity")["m"]
+    assert points[-1][1] == 120.0 and points[-1][2] == (90.0, 150.0)  # not clipped to 100, not x100
