@@ -441,14 +441,16 @@ COUNT_FIELDS = ("num_samples", "num_items")
 def check_task_splits(resolved: "ResolvedRecipe") -> None:
     """Every component whose params name a ``split`` (calibration sources and evaluators that
     draw task items: ``split``, optional ``task``/``task_params``, ``num_samples``/``num_items``)
-    asks for a split its task has, and no more items than the split holds when that is known."""
+    asks for a split its task has, and no more items than the split holds when that is known.
+    Components whose ``split`` belongs to their own data set (``uses_task_split = False``: generic
+    text, perplexity text) are not checked against the task."""
     recipe, reg = resolved.recipe, resolved.registry
     parts = [("calibration", resolved.calibration)] + [
         (f"evaluation.evaluators[{i}]", ev) for i, (_, ev) in enumerate(resolved.evaluators)]
     for path, obj in parts:
         p = getattr(obj, "params", None)
         split = getattr(p, "split", None)
-        if not isinstance(split, str):
+        if not isinstance(split, str) or not getattr(obj, "uses_task_split", True):
             continue
         name = getattr(p, "task", None) or recipe.task.name
         task_params = getattr(p, "task_params", None)

@@ -50,6 +50,7 @@ class GenericText(CalibrationSource):
     """Windows of generic text (base class of ``c4`` and ``wikitext``)."""
 
     source_name = "generic_text"
+    uses_task_split = False  # ``split`` names a split of the text dataset, not of the recipe's task
     concatenate = False  # True: one token stream of all rows (wikitext); False: per document (c4)
 
     class Params(Params):

@@ -77,6 +77,8 @@ def windows(first: int, length: int, window: int, stride: int) -> list[tuple[int
 class Perplexity(Evaluator):
     """Token, word and byte perplexity on held-out text (decode-only or full sequence)."""
 
+    uses_task_split = False  # ``split`` names a split of the text dataset, not of the recipe's task
+
     class Params(Params):
         label: str = "perplexity"  # metric prefix, e.g. "wikitext" -> wikitext/word_perplexity
         local_path: str | None = None  # .txt / .jsonl / .json; when set nothing is downloaded
