@@ -181,7 +181,21 @@ def _reference(answer: str, annotations: str = "keep") -> str:
     return text.rstrip()
 
 
-class GSM8K(Task):
+class NumericAnswerTask(Task):
+    """A task whose answer is a number: the strict "#### N" / "The answer is N" form first, else the
+    last number; correct when it equals the gold number (GSM8K, word_arith)."""
+
+    def extract_answer(self, completion: str) -> str | None:
+        got = extract_strict(completion)
+        return got if got is not None else extract_flexible(completion)
+
+    def is_correct(self, completion: str, item: TaskItem) -> bool:
+        got = _as_float(self.extract_answer(completion))
+        gold = _as_float(normalize_number(item.answer))
+        return got is not None and gold is not None and math.isclose(got, gold, rel_tol=1e-9, abs_tol=1e-6)
+
+
+class GSM8K(NumericAnswerTask):
     """GSM8K grade-school math word problems; numeric answers compared with a 1e-6 tolerance."""
 
     name = "gsm8k"
@@ -262,17 +276,6 @@ class GSM8K(Task):
                 meta={"split": split, "index": i},
             ))
         return out
-
-    # -- answers ---------------------------------------------------------------------------------
-
-    def extract_answer(self, completion: str) -> str | None:
-        got = extract_strict(completion)
-        return got if got is not None else extract_flexible(completion)
-
-    def is_correct(self, completion: str, item: TaskItem) -> bool:
-        got = _as_float(self.extract_answer(completion))
-        gold = _as_float(normalize_number(item.answer))
-        return got is not None and gold is not None and math.isclose(got, gold, rel_tol=1e-9, abs_tol=1e-6)
 
 
 @hookimpl

@@ -35,7 +35,6 @@ else the last number after any ``</think>``) and compared as numbers.  The refer
 from __future__ import annotations
 
 import hashlib
-import math
 import random
 from typing import Literal
 
@@ -43,8 +42,8 @@ from pydantic import Field, model_validator
 
 from resp_core import hookimpl
 from resp_core.errors import RespError
-from resp_core.interfaces import Params, Task, TaskItem
-from resp_plugins.tasks.gsm8k import _as_float, extract_flexible, extract_strict, normalize_number
+from resp_core.interfaces import Params, TaskItem
+from resp_plugins.tasks.gsm8k import NumericAnswerTask
 from resp_plugins.tasks.subsets import pick_subset
 
 SPLITS = ("train", "test")
@@ -76,7 +75,7 @@ def split_of(op: str, a: int, b: int, test_fraction: float) -> str:
     return "test" if problem_hash(op, a, b) < test_fraction * 2**64 else "train"
 
 
-class WordArithmetic(Task):
+class WordArithmetic(NumericAnswerTask):
     """One-step addition/subtraction, bare or as a word problem; splits disjoint by construction."""
 
     name = "word_arith"
@@ -166,15 +165,6 @@ class WordArithmetic(Task):
                 meta={"split": split, "op": op, "a": a, "b": b},
             ))
         return out
-
-    def extract_answer(self, completion: str) -> str | None:
-        got = extract_strict(completion)
-        return got if got is not None else extract_flexible(completion)
-
-    def is_correct(self, completion: str, item: TaskItem) -> bool:
-        got = _as_float(self.extract_answer(completion))
-        gold = _as_float(normalize_number(item.answer))
-        return got is not None and gold is not None and math.isclose(got, gold, rel_tol=1e-9, abs_tol=1e-6)
 
 
 @hookimpl
