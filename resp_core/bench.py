@@ -8,14 +8,20 @@
    * the **fair floor**: transformers' own forward with ``labels`` (the same label positions) and
      backward with gradients only on the projection weights — the least a gradient-based scorer
      has to compute.  Goal: scoring / floor <= 1.02;
+   * RESP's own gradient pass alone (the output head only on labelled positions, as scoring
+     runs it), without the reduction onto structures: scoring / this isolates what scoring adds
+     to its backward; the fair floor above also pays for logits at unlabelled positions;
    * a plain forward + backward with every parameter trainable (what ``respctl bench`` compared
      against before; flattering, kept for reference);
    * Torch-Pruning's ``GroupTaylorImportance`` (when ``torch-pruning`` is installed): the same
      forward + backward with every parameter trainable, as its LLM example runs it, then the
      importance of every group (``MetaPruner.step(interactive=True)``, nothing pruned).  Its
      dependency graph is built once, outside the timing, with transformers' rotary embedding
-     replaced by its precomputed (cos, sin) for graph building only (Torch-Pruning's tracer hangs
-     on it: its issue #527).  Graph building runs in a child process with a time limit; when it
+     replaced by its precomputed (cos, sin) and its application by the identity, for graph
+     building only (Torch-Pruning's tracer hangs on both: its issue #527; heads are pruned whole,
+     so the rotation couples no channels).  Torch-Pruning couples GQA query rows to K/V rows by
+     index (its attention group holds the first num_kv_heads·head_dim query rows), so its groups
+     are not RESP's; what is compared is the cost of its pass, not its ranking.  Graph building runs in a child process with a time limit; when it
      does not finish, the bench says so and prints no Torch-Pruning ratio.  Goals: scoring /
      Torch-Pruning <= 0.75, peak RSS / Torch-Pruning <= 0.8;
    * peak RSS of each pass, each in a fresh child process (``ru_maxrss`` minus the RSS before the
@@ -89,8 +95,11 @@ def _projection_weights(model):
 def scoring_contenders(model, samples: list[CalibrationSample], pad_id: int, batch_size: int) -> dict:
     """name -> a callable running one pass over the same batches: ``scoring`` (RESP), ``floor``
     (transformers' loss on the same labels, gradients on the projections only), ``plain`` (every
-    parameter trainable)."""
+    parameter trainable), ``gradient_pass`` (RESP's own gradient pass alone, without reducing
+    saliency onto structures: what the scorer adds on top of its backward)."""
     from resp_plugins.scorers.taylor import TaylorScorer
+
+    from .scoring import gradient_pass, release_gradients
 
     adapter = adapter_for(model)
     structures = build_structures(adapter, StructureSpec())
@@ -115,9 +124,16 @@ def scoring_contenders(model, samples: list[CalibrationSample], pad_id: int, bat
             model.zero_grad(set_to_none=True)
         return run
 
+    def own_gradient_pass():
+        gp = gradient_pass(model, adapter, calib, loss=scorer.params.loss, reduction=scorer.params.reduction,
+                           batch_size=batch_size)
+        gp.release()
+        release_gradients(adapter)
+
     return {"scoring": lambda: scorer.score(ctx, calib),
             "floor": hf_pass(lambda: projections),
-            "plain": hf_pass(lambda: list(model.parameters()))}
+            "plain": hf_pass(lambda: list(model.parameters())),
+            "gradient_pass": own_gradient_pass}
 
 
 def _sync(device) -> None:
@@ -126,7 +142,8 @@ def _sync(device) -> None:
 
 
 def scoring_overhead(model, samples: list[CalibrationSample], pad_id: int, batch_size: int, repeats: int = 3) -> dict:
-    """Scoring pass / fair floor / plain forward+backward on the same batches (medians)."""
+    """Scoring pass / fair floor / plain forward+backward / its own gradient pass on the same
+    batches (medians)."""
     fns = scoring_contenders(model, samples, pad_id, batch_size)
     device = next(model.parameters()).device
     timed = {k: (lambda f=f: (f(), _sync(device))) for k, f in fns.items()}
@@ -135,6 +152,7 @@ def scoring_overhead(model, samples: list[CalibrationSample], pad_id: int, batch
     t = _alternating(timed, repeats)
     tokens = sum(len(s.prompt_ids) + len(s.target_ids) for s in samples)
     return {"tokens": tokens, "scoring_s": t["scoring"], "floor_s": t["floor"], "plain_fwd_bwd_s": t["plain"],
+            "gradient_pass_s": t["gradient_pass"], "ratio_gradient_pass": t["scoring"] / t["gradient_pass"],
             "ratio_floor": t["scoring"] / t["floor"], "ratio_plain": t["scoring"] / t["plain"],
             "ratio": t["scoring"] / t["plain"]}
 
@@ -152,13 +170,22 @@ def torch_pruning_available() -> bool:
 def build_torch_pruning(model, example_ids: torch.Tensor):
     """Torch-Pruning's ``MetaPruner`` with ``GroupTaylorImportance`` over the model's heads and
     channels (output head ignored).  The rotary embedding is replaced by its precomputed
-    (cos, sin) while the graph is traced (Torch-Pruning issue #527), then restored."""
+    (cos, sin) and its application by the identity while the graph is traced (Torch-Pruning issue
+    #527; see below), then both are restored."""
     import torch_pruning as tp
 
     rot = model.model.rotary_emb
     pos = torch.arange(example_ids.shape[1], device=example_ids.device)[None]
     cos, sin = rot(torch.zeros(1, device=example_ids.device), pos)
     rot.forward = lambda x, position_ids, *a, **k: (cos.to(x.dtype), sin.to(x.dtype))
+    # Applying the rotary embedding (rotate_half's concatenation of the two halves of each head)
+    # sends Torch-Pruning's index mapping around a cycle that never closes: every pass through the
+    # concatenation shifts the indices, so its dependency search never revisits the same ones.
+    # Heads are pruned whole and head dims are not pruned, so the rotation does not change which
+    # channels are coupled: it is left out while the graph is traced, and restored after.
+    modeling = sys.modules[type(model).__module__]
+    apply_rotary = modeling.apply_rotary_pos_emb
+    modeling.apply_rotary_pos_emb = lambda q, k, *a, **kw: (q, k)
     cfg = model.config
     num_heads = {}
     for layer in model.model.layers:
@@ -173,6 +200,7 @@ def build_torch_pruning(model, example_ids: torch.Tensor):
                                       output_transform=lambda out: out.logits)
     finally:
         del rot.forward
+        modeling.apply_rotary_pos_emb = apply_rotary
     return pruner
 
 

@@ -541,6 +541,8 @@ def bench(quick: bool = typer.Option(False, help="Smaller models and fewer repea
         del m
         table.add_row(f"scoring pass / fair floor ({label}; floor: fwd+bwd, projection gradients, same labels)",
                       f"{so['ratio_floor']:.3f}  ({so['scoring_s']:.3f}s / {so['floor_s']:.3f}s)", "<= 1.02")
+        table.add_row("scoring pass / its own gradient pass (reduction onto structures excluded)",
+                      f"{so['ratio_gradient_pass']:.3f}  ({so['scoring_s']:.3f}s / {so['gradient_pass_s']:.3f}s)", "")
         table.add_row("scoring pass / plain fwd+bwd (every parameter trainable)",
                       f"{so['ratio_plain']:.3f}  ({so['scoring_s']:.3f}s / {so['plain_fwd_bwd_s']:.3f}s)", "")
         if device == "cpu":

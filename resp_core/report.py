@@ -112,6 +112,38 @@ def rich_table(results: dict, ci: str = "seeds") -> Table:
     return table
 
 
+def _sparsity_table(methods, targets, cell, metric) -> list[str]:
+    """Reached sparsity of every cell on both bases: the unprotected blocks' projection parameters
+    (RESP's default) and all layers' projection parameters (the authors'), with the parameters
+    left.  Empty when the rows carry neither figure."""
+    if metric is None:
+        return []
+    rows, any_figure = [], False
+    for m in methods:
+        if m == "dense":
+            continue
+        cells = []
+        for t in targets:
+            r = cell.get((m, t, metric))
+            pb, ab = (r or {}).get("sparsity_prunable_blocks"), (r or {}).get("sparsity_all_blocks")
+            if r is None or not (finite(pb) or finite(ab)):
+                cells.append("—")
+                continue
+            any_figure = True
+            fmt = lambda v: f"{v:.1%}" if finite(v) else "?"  # noqa: E731
+            params = f" · {r['parameters'] / 1e6:.3g}M" if finite(r.get("parameters")) else ""
+            cells.append(f"{fmt(pb)} · {fmt(ab)}{params}")
+        rows.append(f"| {m} | " + " | ".join(cells) + " |")
+    if not any_figure:
+        return []
+    return ["## Reached sparsity on both bases", "",
+            "Each cell: the fraction removed of the unprotected layers' projection parameters (prunable "
+            "blocks) · of all layers' projection parameters (all blocks, the authors' basis) · the whole "
+            "model's parameters left.", "",
+            "| method | " + " | ".join(f"{t:.0%}" for t in targets) + " |",
+            "|---|" + "---|" * len(targets), *rows, ""]
+
+
 def render_markdown(results: dict, plot: str | None = None, ci: str = "seeds") -> str:
     info = results["info"]
     metrics, methods, targets, cell = _pivot(results)
@@ -145,6 +177,7 @@ def render_markdown(results: dict, plot: str | None = None, ci: str = "seeds") -
         off = [f"{m} {t:.0%}→{s:.1%}" for m, t, s in reached if abs(s - t) >= 0.005]
         if off:
             lines += [f"Reached sparsity differs from the target: {', '.join(off)}.", ""]
+    lines += _sparsity_table(methods, targets, cell, metrics[0] if metrics else None)
     lines.append("## Methods")
     lines.append("")
     for m in info["methods"]:

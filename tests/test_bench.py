@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -26,6 +27,7 @@ def test_floor_differentiates_only_the_projections_on_the_same_labels():
     assert {n for n in seen} == {n for n, _ in model.named_parameters() if n.split(".")[-2].endswith("_proj")}
     fns["scoring"]()
     fns["plain"]()
+    fns["gradient_pass"]()
     assert all(p.grad is None for p in model.parameters())  # every contender leaves no gradients behind
 
 
@@ -48,3 +50,29 @@ def test_bad_options_are_one_line():
     if not torch.cuda.is_available():
         r = runner.invoke(app, ["bench", "--device", "cuda"])
         assert r.exit_code == 2 and "--device" in r.output
+
+
+def test_torch_pruning_graph_builds_on_qwen3_and_restores_the_rotary():
+    """Torch-Pruning's tracer loops forever on the rotary embedding's application; the bench
+    leaves it out for graph building only, and the model computes the same logits after."""
+    pytest.importorskip("torch_pruning")
+    import sys
+
+    model = B.random_qwen3(B.QUICK_SCORING_MODEL)
+    ids = torch.randint(5, B.QUICK_SCORING_MODEL["vocab_size"], (1, 12))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    modeling = sys.modules[type(model).__module__]
+    original = modeling.apply_rotary_pos_emb
+    pruner = B.build_torch_pruning(model, ids)
+    assert modeling.apply_rotary_pos_emb is original and "forward" not in model.model.rotary_emb.__dict__
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model(input_ids=ids, labels=ids).loss.backward()
+    groups = list(pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                          root_module_types=pruner.root_module_types))
+    layers = B.QUICK_SCORING_MODEL["num_hidden_layers"]
+    assert len(groups) == 1 + 2 * layers  # the hidden size, then heads and MLP channels of each layer
+    assert len(list(pruner.step(interactive=True))) >= 1  # importance of every group, nothing pruned

@@ -167,6 +167,17 @@ def test_one_seed_claims_no_band(tmp_path):
     assert band(three["rows"][1]) == pytest.approx((0.82, 0.98))
 
 
+def test_report_gives_reached_sparsity_on_both_bases():
+    res = _results(3)
+    assert "both bases" not in render_markdown(res)  # rows without the figures: no table
+    for r in res["rows"]:
+        r["sparsity_prunable_blocks"], r["sparsity_all_blocks"] = r["sparsity"], r["sparsity"] * 0.8
+    text = render_markdown(res)
+    table = text.split("## Reached sparsity on both bases")[1].split("## Methods")[0]
+    row_a = next(ln for ln in table.splitlines() if ln.startswith("| A |"))
+    assert row_a == "| A | 21.3% · 17.0% · 0.0001M | 39.8% · 31.8% · 0.0001M |"
+
+
 def test_plot_files_are_deterministic(tmp_path):
     res = _results(3)
     written = render_plot(res, tmp_path / "a" / "accuracy.png")
