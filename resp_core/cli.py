@@ -588,7 +588,10 @@ def _speedup_rows(table, sp: dict, label: str, cfg=None) -> None:
     shape = f", batch {cfg.prefill_batch} x {cfg.prefill_len}" if cfg is not None else ""
     table.add_row(f"prefill speedup{shape}",
                   f"{sp['prefill_speedup']:.3f}  = {sp['prefill_fraction_of_ideal']:.2f} of ideal", ">= 0.9 of ideal")
-    table.add_row("max |logit diff| masked vs compacted", f"{sp['max_abs_logit_diff']:.1e}", "")
+    yard = sp.get("max_abs_logit_diff_low_precision_vs_fp32")
+    table.add_row("max |logit diff| masked vs compacted", f"{sp['max_abs_logit_diff']:.1e}"
+                  + (f"  ({sp['dtype']} rounding: masked {sp['dtype']} vs float32 {yard:.1e})" if yard is not None
+                     else ""), "")
 
 
 @app.command()
