@@ -26,24 +26,20 @@ reads one English validation shard, as the authors' loaders do).
 
 from __future__ import annotations
 
-import json
 import random
-import re
-from pathlib import Path
 
 from pydantic import Field
 
 from resp_core import hookimpl
 from resp_core.errors import RespError
-from resp_core.interfaces import CalibrationSample, CalibrationSource, Params, RunContext
+from resp_core.interfaces import (
+    CalibrationSample,
+    CalibrationSource,
+    Params,
+    RunContext,
+)
+from resp_core.text_source import TextLocation, read_rows
 from resp_core.validation import Count, Seed
-
-LOCAL_SUFFIXES = (".txt", ".jsonl", ".json")
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class GenericText(CalibrationSource):
@@ -78,81 +74,18 @@ class GenericText(CalibrationSource):
     # --- loading ---------------------------------------------------------------------------------
     def _origin(self) -> str:
         p = self.params
-        if p.local_path:
-            return p.local_path
-        return f"{p.hub_id}" + (f" ({p.data_files})" if p.data_files else f" ({p.hub_config})" if p.hub_config else "") \
-            + f"[{p.split}]"
+        return TextLocation(local_path=p.local_path, hub_id=p.hub_id or None, hub_config=p.hub_config,
+                            split=p.split, data_files=p.data_files).origin()
 
     def _documents(self) -> list[str]:
         if self._docs is None:
-            self._docs = self._load_local() if self.params.local_path else self._load_hub()
+            p = self.params
+            loc = TextLocation(local_path=p.local_path, hub_id=p.hub_id or None, hub_config=p.hub_config,
+                               split=p.split, data_files=p.data_files)
+            self._docs = [row[p.text_field] or "" for row in read_rows(loc, p.text_field, self._path)]
             if not any(d.strip() for d in self._docs):
                 raise RespError(f"{self._path}: {self._origin()} holds no text")
         return self._docs
-
-    def _load_local(self) -> list[str]:
-        p, where = self.params, f"{self._path}.params.local_path"
-        path = Path(p.local_path).expanduser()
-        if not path.is_file():
-            raise RespError(f"{where}: {p.local_path} does not exist")
-        suffix = path.suffix.lower()
-        if suffix not in LOCAL_SUFFIXES:
-            raise RespError(f"{where}: {p.local_path} must be a .txt, .jsonl or .json file")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise RespError(f"{where}: cannot read {p.local_path}: {_first_line(exc)}") from None
-        if suffix == ".txt":
-            return [d.strip() for d in re.split(r"\n[ \t]*\n", text) if d.strip()]
-        if suffix == ".jsonl":
-            docs = []
-            for lineno, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise RespError(f"{where}: {p.local_path}:{lineno}: not valid JSON ({exc.msg})") from None
-                docs.append(self._text_of(obj, f"{p.local_path}:{lineno}", allow_str=False))
-            return docs
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise RespError(f"{where}: {p.local_path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
-        if not isinstance(data, list):
-            raise RespError(f"{where}: {p.local_path}: expected a JSON list of objects with a "
-                            f"{p.text_field!r} field, got {type(data).__name__}")
-        return [self._text_of(obj, f"{p.local_path}[{i}]", allow_str=True) for i, obj in enumerate(data)]
-
-    def _text_of(self, obj, where: str, allow_str: bool) -> str:
-        field = self.params.text_field
-        if allow_str and isinstance(obj, str):
-            return obj
-        if isinstance(obj, dict) and isinstance(obj.get(field), str):
-            return obj[field]
-        got = f"fields {sorted(obj)}" if isinstance(obj, dict) else f"a {type(obj).__name__}"
-        raise RespError(f"{self._path}.params.local_path: {where}: no string field {field!r} (got {got}); "
-                        f"set {self._path}.params.text_field to the field that holds the text")
-
-    def _load_hub(self) -> list[str]:
-        p = self.params
-        try:
-            import datasets
-        except ImportError:
-            raise RespError(f"{self._path}: loading {p.hub_id!r} needs the 'datasets' package; install it or set "
-                            f"{self._path}.params.local_path") from None
-        try:
-            if p.data_files:
-                ds = datasets.load_dataset(p.hub_id, data_files={p.split: p.data_files}, split=p.split)
-            else:
-                ds = datasets.load_dataset(p.hub_id, p.hub_config, split=p.split)
-        except Exception as exc:  # network, auth, missing files ...
-            raise RespError(f"{self._path}: could not load {self._origin()} from the hub: {type(exc).__name__}: "
-                            f"{_first_line(exc)} (set {self._path}.params.local_path to a local copy)") from None
-        if p.text_field not in ds.column_names:
-            raise RespError(f"{self._path}.params.text_field: {self._origin()} has no field {p.text_field!r} "
-                            f"(fields: {', '.join(ds.column_names)})")
-        return [t if isinstance(t, str) else "" for t in ds[p.text_field]]
 
     # --- sampling --------------------------------------------------------------------------------
     def build(self, ctx: RunContext) -> list[CalibrationSample]:

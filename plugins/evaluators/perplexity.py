@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -52,9 +51,9 @@ from pydantic import Field
 from resp_core import hookimpl
 from resp_core.errors import RespError
 from resp_core.interfaces import EvalResult, Evaluator, Params, RunContext
+from resp_core.text_source import TextLocation, read_rows
 from resp_core.validation import Seed
 
-LOCAL_SUFFIXES = (".txt", ".jsonl", ".json")
 METRICS = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
 
 
@@ -117,55 +116,25 @@ class Perplexity(Evaluator):
             self._documents()  # a missing file or field fails here, before anything runs
 
     def _origin(self) -> str:
-        p = self.params
-        return p.local_path or f"{p.hub_id}" + (f" ({p.hub_config})" if p.hub_config else "") + f"[{p.split}]"
+        return self._location().origin()
 
-    def _dataset(self):
+    def _location(self) -> TextLocation:
         p = self.params
-        try:
-            import datasets
-        except ImportError:
-            raise RespError(f"{self._path}: the perplexity evaluator needs the 'datasets' package") from None
-        if p.local_path is not None:
-            path = Path(p.local_path).expanduser()
-            if not path.is_file():
-                raise RespError(f"{self._path}.params.local_path: {p.local_path} does not exist")
-            suffix = path.suffix.lower()
-            if suffix not in LOCAL_SUFFIXES:
-                raise RespError(f"{self._path}.params.local_path: {p.local_path} must be a .txt, .jsonl or .json file")
-            try:
-                if suffix == ".txt":  # documents separated by blank lines (as the c4 / wikitext sources read them)
-                    text = path.read_text(encoding="utf-8")
-                    docs = [d.strip() for d in re.split(r"\n[ \t]*\n", text) if d.strip()]
-                    return datasets.Dataset.from_dict({p.text_field: docs})
-                return datasets.load_dataset("json", data_files=str(path), split="train")
-            except Exception as exc:  # malformed JSON, unreadable file ...
-                raise RespError(f"{self._path}.params.local_path: cannot read {p.local_path}: "
-                                f"{type(exc).__name__}: {_first_line(exc)}") from None
-        try:
-            if p.data_files:
-                return datasets.load_dataset(p.hub_id, data_files={p.split: p.data_files}, split=p.split)
-            return datasets.load_dataset(p.hub_id, p.hub_config, split=p.split)
-        except Exception as exc:  # network, auth, missing split ...
-            raise RespError(f"{self._path}: could not load {self._origin()} from the hub: {type(exc).__name__}: "
-                            f"{_first_line(exc)} (set {self._path}.params.local_path to a local copy)") from None
+        return TextLocation(local_path=p.local_path, hub_id=p.hub_id, hub_config=p.hub_config, split=p.split,
+                            data_files=p.data_files)
 
     def _documents(self) -> list[dict]:
         if self._docs is not None:
             return self._docs
         p = self.params
-        ds = self._dataset()
-        fields = [p.text_field] + ([p.prompt_field] if p.prompt_field else [])
-        for f in fields:
-            if f not in ds.column_names:
-                raise RespError(f"{self._path}.params.{'text_field' if f == p.text_field else 'prompt_field'}: "
-                                f"{self._origin()} has no field {f!r} (fields: {', '.join(ds.column_names)})")
+        other = {p.prompt_field: "prompt_field"} if p.prompt_field else {}
+        rows = read_rows(self._location(), p.text_field, self._path, other)
         docs = []
-        for i, row in enumerate(ds):
+        for i, row in enumerate(rows):
             text = row[p.text_field]
-            if not isinstance(text, str) or not text.strip():
+            if text is None or not text.strip():
                 continue
-            prompt = row[p.prompt_field] if p.prompt_field else None
+            prompt = row.get(p.prompt_field) if p.prompt_field else None
             docs.append({"index": i, "text": text, "prompt": prompt if isinstance(prompt, str) else None})
         if not docs:
             raise RespError(f"{self._path}: {self._origin()} holds no text in field {p.text_field!r}")
@@ -294,11 +263,6 @@ class Perplexity(Evaluator):
         }
         metrics[f"{L}/{p.main_metric}@seed{p.seed}"] = metrics[f"{L}/{p.main_metric}"]
         return EvalResult(metrics, [{"label": L, **d} for d in per_doc])
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @hookimpl
