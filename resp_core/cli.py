@@ -14,6 +14,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional
 
+_ON_TERMINAL = sys.stdout.isatty() and sys.stderr.isatty()
+if not _ON_TERMINAL:
+    # tqdm reads TQDM_DISABLE once, when it is first imported (torch imports it): set it before
+    # anything imports torch, so that third-party bars (e.g. transformers' GGUF de-quantizing)
+    # stay out of piped output.
+    import os
+
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
 import typer
 from rich.table import Table
 
@@ -752,6 +761,10 @@ def main():
         hf_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
+    if not _ON_TERMINAL:
+        from .progress import quiet_third_party_bars
+
+        quiet_third_party_bars()  # datasets' and the hub's bars
     app()
 
 

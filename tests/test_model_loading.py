@@ -128,6 +128,20 @@ def test_convert_gguf_to_a_plain_folder(tiny_gguf, tmp_path):
     assert result.exit_code == 2 and "already exists" in result.output
 
 
+def test_convert_piped_prints_no_third_party_bars(tiny_gguf, tmp_path):
+    """Off a terminal the output is RESP's lines only: transformers' GGUF de-quantizing bar (tqdm,
+    which reads TQDM_DISABLE when torch first imports it) stays out."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    proc = subprocess.run([sys.executable, "-m", "resp_core.cli", "convert", str(tiny_gguf), str(tmp_path / "hf")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "written to" in proc.stdout
+    assert "de-quantizing" not in proc.stdout + proc.stderr and "it/s" not in proc.stdout + proc.stderr
+
+
 def test_run_on_a_gguf_model(tiny_gguf, tmp_path):
     """A recipe whose model.path is a GGUF file prunes, and its compacted model loads back."""
     from transformers import AutoModelForCausalLM
