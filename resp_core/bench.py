@@ -18,8 +18,8 @@
      importance of every group (``MetaPruner.step(interactive=True)``, nothing pruned).  Its
      dependency graph is built once, outside the timing, with transformers' rotary embedding
      replaced by its precomputed (cos, sin) and its application by the identity, for graph
-     building only (Torch-Pruning's tracer hangs on both: its issue #527; heads are pruned whole,
-     so the rotation couples no channels).  Torch-Pruning couples GQA query rows to K/V rows by
+     building only (Torch-Pruning's tracer hangs on both, VainF/Torch-Pruning#527; heads are
+     pruned whole, so the rotation couples no channels).  Torch-Pruning couples GQA query rows to K/V rows by
      index (its attention group holds the first num_kv_heads·head_dim query rows), so its groups
      are not RESP's; what is compared is the cost of its pass, not its ranking.  Graph building runs in a child process with a time limit; when it
      does not finish, the bench says so and prints no Torch-Pruning ratio.  Goals: scoring /
@@ -170,8 +170,8 @@ def torch_pruning_available() -> bool:
 def build_torch_pruning(model, example_ids: torch.Tensor):
     """Torch-Pruning's ``MetaPruner`` with ``GroupTaylorImportance`` over the model's heads and
     channels (output head ignored).  The rotary embedding is replaced by its precomputed
-    (cos, sin) and its application by the identity while the graph is traced (Torch-Pruning issue
-    #527; see below), then both are restored."""
+    (cos, sin) and its application by the identity while the graph is traced
+    (VainF/Torch-Pruning#527; see below), then both are restored."""
     import torch_pruning as tp
 
     rot = model.model.rotary_emb
