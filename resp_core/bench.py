@@ -187,11 +187,15 @@ def build_torch_pruning(model, example_ids: torch.Tensor):
     apply_rotary = modeling.apply_rotary_pos_emb
     modeling.apply_rotary_pos_emb = lambda q, k, *a, **kw: (q, k)
     cfg = model.config
+    # Torch-Pruning couples q_proj's rows to k_proj's / v_proj's by index, so its attention group
+    # holds only num_kv_heads·head_dim query rows; told num_attention_heads for q_proj, its head
+    # grouping fails (a [num_heads, -1] view of num_kv_heads·head_dim scores).  It is told
+    # num_kv_heads for all three so that the pass runs: its groups are neither RESP's nor right
+    # for GQA, and only the cost of its pass is compared.
     num_heads = {}
     for layer in model.model.layers:
         a = layer.self_attn
-        num_heads[a.q_proj] = cfg.num_attention_heads
-        num_heads[a.k_proj] = num_heads[a.v_proj] = cfg.num_key_value_heads
+        num_heads[a.q_proj] = num_heads[a.k_proj] = num_heads[a.v_proj] = cfg.num_key_value_heads
     try:
         imp = tp.importance.GroupTaylorImportance()
         pruner = tp.pruner.MetaPruner(model, example_inputs=example_ids, importance=imp, global_pruning=True,
