@@ -24,8 +24,9 @@
      are not RESP's; what is compared is the cost of its pass, not its ranking.  Graph building runs in a child process with a time limit; when it
      does not finish, the bench says so and prints no Torch-Pruning ratio.  Goals: scoring /
      Torch-Pruning <= 0.75, peak RSS / Torch-Pruning <= 0.8;
-   * peak RSS of each pass, each in a fresh child process (``ru_maxrss`` minus the RSS before the
-     pass, after a warm-up on a tiny model).
+   * peak RSS of each pass, each in a fresh child process (:func:`peak_rss_added`: the peak
+     minus the RSS just before the pass, freed heap handed back first; after a warm-up on a
+     tiny model).
 
 2. **Compaction speedup**: a model pruned to a sparsity of its prunable blocks' parameters by
    random scores (which units go does not change the speed) and compacted; dense time /
@@ -223,23 +224,62 @@ def _child(kind: str, config: dict, n: int, prompt: int, target: int, batch: int
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _child_main(spec: dict) -> dict:
-    """In a fresh process: a warm-up on a tiny model, then one timed pass of ``kind`` and the peak
-    RSS it added (``ru_maxrss`` − RSS before it); for ``torch_pruning`` also the pass time."""
+def _rss() -> int:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except ImportError:  # Linux without psutil
+        import os
+
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_added(fn) -> tuple[int, float]:
+    """(peak RSS while ``fn()`` runs − RSS just before it, seconds).  Before the baseline, freed
+    heap memory is handed back to the system (glibc ``malloc_trim``, where there is one), so that
+    memory a previous step freed but kept does not hide what this pass needs; the peak is a 2 ms
+    RSS poll, or ``ru_maxrss`` when the process's lifetime peak rose during ``fn``."""
+    import ctypes
     import gc
     import resource
+    import threading
     import time as _time
 
-    def rss() -> int:
-        try:
-            import psutil
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the baseline may include freed memory
+        pass
+    base = _rss()
+    lifetime_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak, done = [base], threading.Event()
 
-            return psutil.Process().memory_info().rss
-        except ImportError:  # Linux without psutil
-            import os
+    def poll():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            done.wait(0.002)
 
-            with open("/proc/self/statm") as fh:
-                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
+    t0 = _time.perf_counter()
+    try:
+        fn()
+    finally:
+        seconds = _time.perf_counter() - t0
+        done.set()
+        watcher.join()
+    lifetime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    top = max(peak[0], lifetime) if lifetime > lifetime_before else peak[0]  # a new lifetime peak: reached in fn
+    return top - base, seconds
+
+
+def _child_main(spec: dict) -> dict:
+    """In a fresh process: a warm-up on a tiny model, then one pass of ``kind`` and the peak RSS
+    it added (:func:`peak_rss_added`); for ``torch_pruning`` also both passes timed side by side."""
+    import gc
+    import time as _time
 
     torch.set_num_threads(1)
     kind = spec["kind"]
@@ -255,6 +295,7 @@ def _child_main(spec: dict) -> dict:
         tiny_pruner = build_torch_pruning(tiny, ids[:, :16] % QUICK_SCORING_MODEL["vocab_size"])
         calib = CalibrationSet(samples, 0)
         batches = list(calib.batches(spec["batch"], "decode"))
+        groups = []
 
         def tp_pass(m, pr, bs):
             for p in m.parameters():
@@ -262,24 +303,32 @@ def _child_main(spec: dict) -> dict:
             m.zero_grad(set_to_none=True)
             for b in bs:
                 m(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels).loss.backward()
-            groups = list(pr.step(interactive=True))  # importance of every group; nothing is pruned
+            groups[:] = list(pr.step(interactive=True))  # importance of every group; nothing is pruned
             m.zero_grad(set_to_none=True)
-            return len(groups)
 
         tp_pass(tiny, tiny_pruner, list(CalibrationSet(warm, 0).batches(2, "decode")))
         del tiny, tiny_pruner
-        gc.collect()
-        base = rss()
-        t0 = _time.perf_counter()
-        groups = tp_pass(model, pruner, batches)
-        first = _time.perf_counter() - t0
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-        # then side by side on the same model: RESP's scoring pass and Torch-Pruning's pass
+        peak, first = peak_rss_added(lambda: tp_pass(model, pruner, batches))
+        n_groups = len(groups)
+        # then side by side on the same model: RESP's scoring pass and Torch-Pruning's pass.  A
+        # MetaPruner scores its groups once per step and, its groups left unpruned, cannot step
+        # again (its bookkeeping assumes the yielded groups were pruned), so each timed pass gets
+        # a freshly built one (building is not timed).
         scoring = scoring_contenders(model, samples, 0, spec["batch"])["scoring"]
         scoring()
-        t = _alternating({"scoring": scoring, "torch_pruning": lambda: tp_pass(model, pruner, batches)},
-                         spec["repeats"])
-        return {"peak_rss_added": peak, "first_pass_s": first, "groups": groups, "graph_build_s": build_s,
+        times = {"scoring": [], "torch_pruning": []}
+        for _ in range(spec["repeats"]):
+            t0 = _time.perf_counter()
+            scoring()
+            times["scoring"].append(_time.perf_counter() - t0)
+            fresh = build_torch_pruning(model, ids)
+            t0 = _time.perf_counter()
+            tp_pass(model, fresh, batches)
+            times["torch_pruning"].append(_time.perf_counter() - t0)
+            if len(groups) != n_groups:
+                raise RuntimeError(f"Torch-Pruning scored {len(groups)} groups, not {n_groups}")
+        t = {k: statistics.median(v) for k, v in times.items()}
+        return {"peak_rss_added": peak, "first_pass_s": first, "groups": n_groups, "graph_build_s": build_s,
                 "scoring_s": t["scoring"], "torch_pruning_s": t["torch_pruning"],
                 "ratio": t["scoring"] / t["torch_pruning"]}
     fns = scoring_contenders(tiny, warm, 0, 2)
@@ -287,11 +336,8 @@ def _child_main(spec: dict) -> dict:
     del tiny, fns
     fn = scoring_contenders(model, samples, 0, spec["batch"])[kind]
     gc.collect()
-    base = rss()
-    t0 = _time.perf_counter()
-    fn()
-    first = _time.perf_counter() - t0
-    return {"peak_rss_added": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base, "first_pass_s": first}
+    peak, first = peak_rss_added(fn)
+    return {"peak_rss_added": peak, "first_pass_s": first}
 
 
 def torch_pruning_comparison(config: dict, n: int, prompt: int, target: int, batch: int, repeats: int,

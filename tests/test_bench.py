@@ -91,3 +91,17 @@ def test_torch_pruning_graph_builds_on_qwen3_and_restores_the_rotary():
     layers = B.QUICK_SCORING_MODEL["num_hidden_layers"]
     assert len(groups) == 1 + 2 * layers  # the hidden size, then heads and MLP channels of each layer
     assert len(list(pruner.step(interactive=True))) >= 1  # importance of every group, nothing pruned
+    assert list(pruner.step(interactive=True)) == []  # a second step scores nothing: the bench builds one per pass
+
+
+def test_peak_rss_added_sees_a_temporary_allocation():
+    """An allocation made and freed inside the pass counts; the memory a previous step freed does not."""
+    junk = torch.ones(64 * 2**20 // 4)  # 64 MiB touched, then freed before the pass
+    del junk
+
+    def work():
+        t = torch.ones(96 * 2**20 // 4)  # 96 MiB, freed before the pass returns
+        t.add_(1)
+
+    added, seconds = B.peak_rss_added(work)
+    assert 80 * 2**20 <= added <= 160 * 2**20 and seconds >= 0
