@@ -18,14 +18,15 @@ from resp_core.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
-# One scoring pass in a fresh process: peak RSS (ru_maxrss) minus the RSS before the pass, after a
-# warm-up on a tiny model so that autograd's code pages are already resident.
+# One scoring pass in a fresh process: peak RSS minus the RSS just before the pass (freed heap handed
+# back first: resp_core.bench.peak_rss_added), after a warm-up on a tiny model so that autograd's
+# code pages are already resident.
 MEASURE = r"""
-import gc, json, resource, sys
-import psutil, torch
+import json, sys
+import torch
 torch.set_num_threads(1)
 from transformers import Qwen3Config, Qwen3ForCausalLM
-from resp_core.bench import random_calibration
+from resp_core.bench import peak_rss_added, random_calibration
 from resp_core.interfaces import CalibrationSet
 from resp_core.model.adapter import adapter_for
 from resp_core.scoring import gradient_pass, release_gradients, taylor_unit_scores
@@ -45,13 +46,7 @@ del tiny
 torch.manual_seed(0)
 model = Qwen3ForCausalLM(Qwen3Config(**cfg)).eval()
 samples = random_calibration(cfg["vocab_size"], 2 * batch, prompt, target)
-gc.collect()
-base = psutil.Process().memory_info().rss
-deltas = []
-for ckpt in modes:  # lowest peak first: ru_maxrss only grows
-    one_pass(model, samples, batch, ckpt)
-    gc.collect()
-    deltas.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+deltas = [peak_rss_added(lambda: one_pass(model, samples, batch, ckpt))[0] for ckpt in modes]
 print(json.dumps({"deltas": deltas}))
 """
 
@@ -78,7 +73,7 @@ def _measured_deltas(cfg, batch, prompt, target, modes) -> list[int]:
     (QWEN3_100M, 4, 32, 224, [True, False]),  # a ~100M Qwen3, with then without gradient checkpointing
 ], ids=["testbed", "qwen3-100m"])
 def test_predicted_scoring_peak_within_25_percent_of_measured(cfg, batch, prompt, target, modes):
-    """One process per model (fresh RSS); with checkpointing first, whose peak is the lower."""
+    """One process per model (fresh RSS); each mode's peak measured on its own."""
     from transformers import Qwen3Config
 
     counts = count_parameters(Qwen3Config(**cfg))
