@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from .errors import RespError
+from .errors import RespError, RunFailed
 from .recipe import (EvaluationSection, ModelSection, OutputSection, PluginRef, Recipe, SharedSections,
                      StructuresSection, _Strict,
                      _first_error, check_model_path, dump_recipe, resolve)
@@ -444,7 +444,9 @@ def run_compare(cmp: CompareRecipe, source: str, folder: Path, progress, console
             if info.is_file() and json.loads(info.read_text()).get("status") == "finished":
                 _extend_seeds(merged, run, method, progress, reg, target)
                 continue
-            if run.exists():  # an unfinished run: start it again
+            if run.exists() and executor is None and _continue_unfinished(run, method.label, say, progress):
+                continue
+            if run.exists():  # an unfinished run that cannot be continued: start it again
                 import shutil
 
                 shutil.rmtree(run)
@@ -464,6 +466,25 @@ def run_compare(cmp: CompareRecipe, source: str, folder: Path, progress, console
     results = collect_results(folder)
     write_results(folder, results)
     return results
+
+
+def _continue_unfinished(run: Path, label: str, say, progress) -> bool:
+    """Continue an interrupted, failed or stale run of this comparison from its last checkpoint
+    (as ``respctl run --resume``); False when it cannot be (no checkpoint yet, a live process
+    still holds it, a damaged folder): the caller starts it again."""
+    from .pipeline import resume_run
+
+    if not (run / "resume").is_dir() or not any((run / "resume").glob("step_*.json")):
+        return False
+    say(f"[bold]{label}[/]: continuing the unfinished run from its last checkpoint")
+    try:
+        resume_run(run, progress)
+    except RespError as exc:
+        if isinstance(exc, RunFailed):
+            raise
+        say(f"[bold]{label}[/]: cannot continue ({exc}); starting it again")
+        return False
+    return True
 
 
 def _extend_seeds(cmp: CompareRecipe, run: Path, method: CompareMethod | None, progress, reg,

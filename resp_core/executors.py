@@ -10,7 +10,8 @@ generator's ``tensor_parallel_size``; ``num_cpus`` = 1), and every task writes i
 into the same comparison folder the serial executor writes to.  The comparison folder must
 therefore be on a file system every Ray worker sees (one machine, or a shared mount).  A sweep
 stopped half way is continued by running ``respctl compare`` again on the same folder, with
-either executor: finished runs are kept, unfinished ones start over.
+either executor: finished runs are kept; unfinished ones start over on Ray, and continue from
+their last checkpoint with the serial executor.
 
 A path is a pure function of the comparison recipe and its label (seeds included), so the
 serial and the Ray executor give identical results (tests/test_executors.py).

@@ -347,14 +347,17 @@ def compare_digest(folder: Path) -> dict:
     return {k: v for k, v in digest(folder).items() if not k.endswith((".png", ".pdf", ".svg"))}
 
 
-def test_compare_killed_mid_sweep_recomputes_only_unfinished_cells(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("kill_at", ["score:3", "score:4"], ids=["in-first-step", "in-second-step"])
+def test_compare_killed_mid_sweep_recomputes_only_unfinished_cells(tmp_path, tiny_model_dir, kill_at):
+    """Dense evaluation, then GISP's two steps (score:1, score:2), killed in Magnitude's first step
+    or its second: the restarted comparison keeps GISP, continues Magnitude from its last
+    checkpoint (as ``respctl run --resume``) and ends byte-identical to an uncut sweep."""
     cmp = tmp_path / "cmp.yaml"
     cmp.write_text(yaml.safe_dump(compare_recipe(tiny_model_dir)))
     code, out = run_in_child(["compare", str(cmp), "--out", str(tmp_path / "whole")], tmp_path, name="whole")
     assert code == 0, out
     folder = tmp_path / "cut"
-    # dense evaluation, then GISP's two steps (score:1, score:2), killed in Magnitude's first step
-    code, out = run_in_child(["compare", str(cmp), "--out", str(folder)], tmp_path, {"RESP_TEST_KILL_AT": "score:3"})
+    code, out = run_in_child(["compare", str(cmp), "--out", str(folder)], tmp_path, {"RESP_TEST_KILL_AT": kill_at})
     assert code == -signal.SIGKILL, out
     done = folder / "runs" / "gisp"
     assert json.loads((done / "run.json").read_text())["status"] == "finished"
@@ -362,6 +365,32 @@ def test_compare_killed_mid_sweep_recomputes_only_unfinished_cells(tmp_path, tin
     dense = (folder / "dense" / "metrics.json").stat().st_mtime_ns
     code, out = run_in_child(["compare", str(cmp), "--out", str(folder)], tmp_path, name="again")
     assert code == 0, out
+    assert "Magnitude: continuing the unfinished run from its last checkpoint" in out, out
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in kept} == kept  # finished cells not recomputed
     assert (folder / "dense" / "metrics.json").stat().st_mtime_ns == dense
     assert compare_digest(folder) == compare_digest(tmp_path / "whole")
+
+
+def test_compare_starts_a_run_again_when_it_cannot_be_continued(tmp_path, monkeypatch):
+    from resp_core import compare, pipeline
+    from resp_core.errors import RespError, RunInterrupted
+
+    run = tmp_path / "runs" / "m"
+    said: list[str] = []
+    assert not compare._continue_unfinished(run, "M", said.append, None)  # no checkpoint: start again
+    (run / "resume").mkdir(parents=True)
+    (run / "resume" / "step_00.json").write_text("{}")
+
+    def refuse(path, progress=None):
+        raise RespError("run.json: held by a live process")
+
+    monkeypatch.setattr(pipeline, "resume_run", refuse)
+    assert not compare._continue_unfinished(run, "M", said.append, None)
+    assert "cannot continue (run.json: held by a live process); starting it again" in said[-1]
+
+    def interrupted(path, progress=None):
+        raise RunInterrupted("interrupted by SIGINT", 2)
+
+    monkeypatch.setattr(pipeline, "resume_run", interrupted)
+    with pytest.raises(RunInterrupted):  # a stop while continuing stops the comparison, keeping the folder
+        compare._continue_unfinished(run, "M", said.append, None)
