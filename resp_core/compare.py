@@ -469,12 +469,12 @@ def run_compare(cmp: CompareRecipe, source: str, folder: Path, progress, console
 
 
 def _continue_unfinished(run: Path, label: str, say, progress) -> bool:
-    """Continue an interrupted, failed or stale run of this comparison from its last checkpoint
-    (as ``respctl run --resume``); False when it cannot be (no checkpoint yet, a live process
-    still holds it, a damaged folder): the caller starts it again."""
-    from .pipeline import resume_run
+    """Continue an interrupted, failed or stale run of this comparison from its last complete
+    checkpoint (as ``respctl run --resume``); False when it cannot be (no complete checkpoint, a
+    live process still holds it, a damaged folder): the caller starts it again."""
+    from .pipeline import latest_checkpoint, resume_run
 
-    if not (run / "resume").is_dir() or not any((run / "resume").glob("step_*.json")):
+    if latest_checkpoint(RunDir(run)) is None:
         return False
     say(f"[bold]{label}[/]: continuing the unfinished run from its last checkpoint")
     try:

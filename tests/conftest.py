@@ -29,6 +29,17 @@ def tiny_qwen3(seed: int = 0, vocab: int = 512, layers: int = 4, heads: int = 6,
     return Qwen3ForCausalLM(cfg).eval()
 
 
+def tiny_generation_model(tok):
+    """:func:`tiny_qwen3` sized to ``tok``'s vocabulary, with its EOS and pad ids in the config
+    and generation config (what generate() reads)."""
+    m = tiny_qwen3(vocab=len(tok))
+    m.config.eos_token_id = tok.eos_token_id
+    m.config.pad_token_id = tok.pad_token_id
+    m.generation_config.eos_token_id = tok.eos_token_id
+    m.generation_config.pad_token_id = tok.pad_token_id
+    return m
+
+
 @pytest.fixture(scope="session")
 def testbed_tokenizer():
     from resp_core.testbed.tokenizer import build_tokenizer

@@ -14,22 +14,13 @@ from resp_plugins.calibration.task_data import TaskData
 from resp_plugins.generators.hf import HFGenerator
 from resp_plugins.tasks import testbed_arith
 
-from conftest import tiny_qwen3
-
-
-def _model(tok):
-    m = tiny_qwen3(vocab=len(tok))
-    m.config.eos_token_id = tok.eos_token_id
-    m.config.pad_token_id = tok.pad_token_id
-    m.generation_config.eos_token_id = tok.eos_token_id
-    m.generation_config.pad_token_id = tok.pad_token_id
-    return m
+from conftest import tiny_generation_model
 
 
 def test_hf_generator_is_seeded_batched_and_ordered(testbed_tokenizer):
     tok = testbed_tokenizer
     tok.padding_side = "left"
-    model = _model(tok)
+    model = tiny_generation_model(tok)
     gen = HFGenerator(HFGenerator.Params(batch_size=3))
     gen.bind(model, tok)
     convs = [[{"role": "user", "content": "What is " + "1 + " * k + "2?"}] for k in range(7)]
@@ -73,7 +64,7 @@ class ScriptedGenerator(Generator):
 
 
 def _ctx(tok, generator, seed=0):
-    model = _model(tok)
+    model = tiny_generation_model(tok)
     adapter = adapter_for(model)
     task = testbed_arith.TestbedArithmetic()
     return RunContext(model=model, tokenizer=tok, adapter=adapter, structures=build_structures(adapter, StructureSpec()),

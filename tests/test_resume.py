@@ -379,7 +379,9 @@ def test_compare_starts_a_run_again_when_it_cannot_be_continued(tmp_path, monkey
     said: list[str] = []
     assert not compare._continue_unfinished(run, "M", said.append, None)  # no checkpoint: start again
     (run / "resume").mkdir(parents=True)
-    (run / "resume" / "step_00.json").write_text("{}")
+    (run / "resume" / "step_00.json").write_text("{}")  # not a complete checkpoint: start again
+    assert not compare._continue_unfinished(run, "M", said.append, None) and not said
+    monkeypatch.setattr(pipeline, "latest_checkpoint", lambda run_dir: {"step": 0})  # a complete one
 
     def refuse(path, progress=None):
         raise RespError("run.json: held by a live process")

@@ -163,22 +163,13 @@ class FakeLLM:
         return outs
 
 
-def _model(tok):
-    from conftest import tiny_qwen3
-
-    m = tiny_qwen3(vocab=len(tok))
-    m.config.eos_token_id = tok.eos_token_id
-    m.config.pad_token_id = tok.pad_token_id
-    m.generation_config.eos_token_id = tok.eos_token_id
-    m.generation_config.pad_token_id = tok.pad_token_id
-    return m
-
-
 @pytest.fixture
 def setup(tmp_path, testbed_tokenizer):
     tok = testbed_tokenizer
     tok.padding_side = "left"
-    model = _model(tok)
+    from conftest import tiny_generation_model
+
+    model = tiny_generation_model(tok)
     model.save_pretrained(tmp_path / "ckpt")
     model.config._name_or_path = str(tmp_path / "ckpt")
     events: list = []

@@ -72,17 +72,18 @@ class GenericText(CalibrationSource):
             self._documents()  # a missing file or a wrong field fails here, before anything runs
 
     # --- loading ---------------------------------------------------------------------------------
-    def _origin(self) -> str:
+    def _location(self) -> TextLocation:
         p = self.params
         return TextLocation(local_path=p.local_path, hub_id=p.hub_id or None, hub_config=p.hub_config,
-                            split=p.split, data_files=p.data_files).origin()
+                            split=p.split, data_files=p.data_files)
+
+    def _origin(self) -> str:
+        return self._location().origin()
 
     def _documents(self) -> list[str]:
         if self._docs is None:
             p = self.params
-            loc = TextLocation(local_path=p.local_path, hub_id=p.hub_id or None, hub_config=p.hub_config,
-                               split=p.split, data_files=p.data_files)
-            self._docs = [row[p.text_field] or "" for row in read_rows(loc, p.text_field, self._path)]
+            self._docs = [row[p.text_field] or "" for row in read_rows(self._location(), p.text_field, self._path)]
             if not any(d.strip() for d in self._docs):
                 raise RespError(f"{self._path}: {self._origin()} holds no text")
         return self._docs
