@@ -42,6 +42,7 @@ BUILTIN_PLUGINS = (
     "resp_plugins.calibration.mixed",
     "resp_plugins.scorers.taylor",
     "resp_plugins.scorers.activation_based",
+    "resp_plugins.scorers.sparsegpt",
     "resp_plugins.scorers.simple",
     "resp_plugins.scorers.llm_pruner",
     "resp_plugins.scorers.shortgpt",

@@ -27,16 +27,13 @@ from resp_plugins.allocators.flap_adaptive import FlapAdaptive, standardize, sta
 from resp_plugins.allocators.owl import OWL, outlier_ratio, owl_ratios
 from resp_plugins.scorers.activation_based import (
     FLAP,
-    SparseGPTSP,
     WandaSP,
-    damped_inverse,
     flap_channel_metric,
     head_columns,
-    obs_group_error,
-    obs_remove,
     unit_scores,
     wanda_channel_metric,
 )
+from resp_plugins.scorers.sparsegpt import SparseGPTSP, damped_inverse, obs_group_error, obs_remove
 from test_cli import assert_user_error, small_recipe, write
 
 runner = CliRunner()

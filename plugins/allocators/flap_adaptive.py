@@ -7,12 +7,12 @@ from typing import Literal
 import torch
 
 from resp_core import hookimpl
-from resp_core.errors import RespError
 from resp_core.interfaces import Allocator, Params, Scores
 from resp_core.model.masks import MaskSet
 from resp_core.model.structures import Structures
 
 from resp_plugins.allocators.global_rank import GlobalRank
+from resp_plugins.structure_checks import HeadsAndChannelsOnly
 
 
 def standardize(values: torch.Tensor, valid: torch.Tensor, mode: str) -> torch.Tensor:
@@ -66,7 +66,7 @@ def standardized_scores(scores: Scores, structures: Structures, mask: MaskSet, m
     return out
 
 
-class FlapAdaptive(Allocator):
+class FlapAdaptive(HeadsAndChannelsOnly, Allocator):
     """FLAP's adaptive structure search: standardized scores, one global threshold on parameters.
 
     FLAP (An et al., AAAI 2024, arXiv 2312.11983, Sec. 3 "adaptive structure search"): the metric
@@ -88,16 +88,14 @@ class FlapAdaptive(Allocator):
     scorer the unit scores are standardized directly.
     """
 
+    family = "allocator"  # wording of the whole-layer refusal (HeadsAndChannelsOnly)
+    name = "flap_adaptive"
+
     class Params(Params):
         standardize: Literal["per_layer", "across_layers"] = "per_layer"
 
     def __init__(self, params=None):
         self.params = params or self.Params()
-
-    def check_recipe(self, recipe, path: str) -> None:
-        if recipe.structures.layers:
-            raise RespError(f"structures.layers: allocator 'flap_adaptive' allocates heads and MLP channels; "
-                            f"it cannot remove whole layers")
 
     def allocate(self, scores: Scores, structures: Structures, mask: MaskSet, target: float) -> MaskSet:
         z = standardized_scores(scores, structures, mask, self.params.standardize)

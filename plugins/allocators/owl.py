@@ -8,12 +8,12 @@ import torch
 from pydantic import Field
 
 from resp_core import hookimpl
-from resp_core.errors import RespError
 from resp_core.activations import collect_input_stats
 from resp_core.interfaces import Allocator, CalibrationSet, Params, RunContext, Scores
 from resp_core.model.masks import MaskSet
 from resp_core.model.structures import Structures
 from resp_plugins.allocators.global_rank import allocate_per_layer
+from resp_plugins.structure_checks import HeadsAndChannelsOnly
 
 
 def _head_rows(heads: torch.Tensor, hd: int) -> torch.Tensor:
@@ -91,7 +91,7 @@ def layer_outlier_ratios(ctx: RunContext, calibration: CalibrationSet, m: float,
     return lod
 
 
-class OWL(Allocator):
+class OWL(HeadsAndChannelsOnly, Allocator):
     """OWL: outlier-weighted layer-wise sparsity, then per-layer removal by the scorer's ranking.
 
     OWL (Yin et al., ICML 2024, arXiv 2310.05175, "Layerwise Outlier Distribution"): for each
@@ -113,6 +113,9 @@ class OWL(Allocator):
     parameter sparsity reached is close to, not exactly, the target.
     """
 
+    family = "allocator"  # wording of the whole-layer refusal (HeadsAndChannelsOnly)
+    name = "owl"
+
     class Params(Params):
         hyper_m: float = Field(5.0, gt=0)
         lamda: float = Field(0.08, ge=0, lt=0.5)
@@ -127,11 +130,6 @@ class OWL(Allocator):
         p = self.params
         layers = [i for i in range(ctx.adapter.geometry.num_layers) if bool(ctx.structures.prunable_layers[i])]
         self.lod = layer_outlier_ratios(ctx, calibration, p.hyper_m, p.batch_size, p.tokens, layers)
-
-    def check_recipe(self, recipe, path: str) -> None:
-        if recipe.structures.layers:
-            raise RespError(f"structures.layers: allocator 'owl' allocates heads and MLP channels; "
-                            f"it cannot remove whole layers")
 
     def allocate(self, scores: Scores, structures: Structures, mask: MaskSet, target: float) -> MaskSet:
         if self.lod is None:
