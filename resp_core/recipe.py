@@ -230,20 +230,26 @@ class _RecipeLoader(yaml.CSafeLoader if getattr(yaml, "__with_libyaml__", False)
 
 
 _LEADING_INDICATORS = re.compile(r"(?:[-?](?:\s+|$))*")
+_FLOW_BRACKETS = re.compile(r"[\[\]{}]")
 
 
 def _textual_depth_bound(text: str) -> int:
     """An upper bound of the document's nesting depth from brackets, indentation and block
     indicators, cheap enough to run before the parser (libyaml is quadratic, and its composer
-    recursive, on very deep documents)."""
+    recursive, on very deep documents).  It runs first so that a deep document is refused by this
+    project's own check whatever the YAML library's version (PyYAML 6.0.4's scanner stops flow
+    nesting deeper than 1000 with its own message): brackets are counted where they open, inside a
+    line too, so ``[[[...]]]`` on one line counts as deep as it is."""
     depth = best = 0
     for line in text.splitlines():
         stripped = line.lstrip(" ")
         indent = len(line) - len(stripped)
-        depth = max(0, depth + stripped.count("[") + stripped.count("{") - stripped.count("]") - stripped.count("}"))
         lead = _LEADING_INDICATORS.match(stripped).group(0)  # "- - - x": one block level per "- "
-        indicators = lead.count("-") + lead.count("?")
-        best = max(best, depth + indent + indicators)
+        block = indent + lead.count("-") + lead.count("?")
+        best = max(best, depth + block)
+        for bracket in _FLOW_BRACKETS.findall(stripped):  # the deepest point inside the line counts
+            depth = depth + 1 if bracket in "[{" else max(0, depth - 1)
+            best = max(best, depth + block)
     return best
 
 
