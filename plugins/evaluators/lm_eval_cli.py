@@ -15,7 +15,8 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> None:
-    from resp_plugins.evaluators.lm_eval_model import TASKS_DIR  # registers the `resp` model
+    import resp_plugins.evaluators.lm_eval_model  # noqa: F401  (registers the `resp` model)
+    from resp_plugins.evaluators.lm_eval_tasks_config import TASKS_DIR
     from lm_eval.__main__ import cli_evaluate
 
     args = list(sys.argv[1:] if argv is None else argv)

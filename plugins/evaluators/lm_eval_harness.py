@@ -13,7 +13,8 @@ loglikelihood tasks (multiple choice, perplexity) run HFLM's own code.
   cuts at the first occurrence anywhere.  Unset: each task's ``metadata.resp_stop_strings``
   (the paper tasks say ``whole_output``), else ``after_think``.
 
-Tasks shipped in ``lm_eval_tasks/`` (usable from lm-eval's own CLI with ``--include_path``):
+Tasks shipped in ``lm_eval_tasks/`` (usable from lm-eval's own CLI with ``--include_path``; task
+settings: :mod:`.lm_eval_tasks_config`):
 
 * ``resp_gsm8k_cot_paper`` -- the paper's GSM8K: lm-eval's own ``gsm8k_cot`` (Wei et al.'s 8
   fixed exemplars, ``Q:``/``A:``, "The answer is N.", strict / flexible regex) read from the
@@ -27,11 +28,12 @@ Tasks shipped in ``lm_eval_tasks/`` (usable from lm-eval's own CLI with ``--incl
 Any other lm-eval task name works too (lm-eval's built-in tasks are indexed only when asked for).
 ``data_dir`` points a RESP task at local files instead of the hub.
 
-Judging, optional: ``llm_judge`` is the authors' lenient true/false LLM judge (their
-``modules/eval/answer_extract_gsm8k.py`` / ``answer_extract_mathqa.py``, ``ask_true_false``): a
-local model, through a generation backend, is shown the target and the response and answers
-``ANSWER: true/false``; ``judge_accuracy`` is the fraction judged true.  ``llm_extractor`` (RESP's)
-asks a local model for the final answer and reports its agreement with the regex extraction.
+Judging, optional (:mod:`.lm_eval_judge`): ``llm_judge`` is the authors' lenient true/false LLM
+judge (their ``modules/eval/answer_extract_gsm8k.py`` / ``answer_extract_mathqa.py``,
+``ask_true_false``): a local model, through a generation backend, is shown the target and the
+response and answers ``ANSWER: true/false``; ``judge_accuracy`` is the fraction judged true.
+``llm_extractor`` (RESP's) asks a local model for the final answer and reports its agreement with
+the regex extraction.
 
 Metrics (row keys): ``<task>/<metric>`` or ``<task>/<metric>/<filter>`` (e.g.
 ``resp_gsm8k_cot_paper/exact_match/strict-match``), its standard error under ``…/stderr``,
@@ -44,13 +46,11 @@ and run tables show.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
 from collections import defaultdict
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -60,27 +60,16 @@ from resp_core import hookimpl
 from resp_core.errors import RespError
 from resp_core.interfaces import EvalResult, Evaluator, Params, RunContext, SamplingParams
 from resp_core.validation import Seed
+from resp_plugins.evaluators.lm_eval_judge import (EXTRACTOR_WHAT, LLMExtractor, LLMJudge, SideModel,
+                                                    load_side_generator, run_llm_extractor, run_llm_judge)
+from resp_plugins.evaluators.lm_eval_tasks_config import (DEFAULT_MAX_NEW_TOKENS, RESP_TASKS, configure_tasks,
+                                                           load_tasks, stop_modes, task_manager, task_meta,
+                                                           task_utils)
+# still importable from here, next to the evaluator they serve
+from resp_plugins.evaluators.lm_eval_judge import JUDGE_SYSTEM, parse_judge_reply  # noqa: F401
+from resp_plugins.evaluators.lm_eval_tasks_config import TASKS_DIR  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
-# RESP task -> kind (which local files, extraction and judge prompt it uses)
-RESP_TASKS = {"resp_gsm8k_cot": "gsm8k", "resp_mathqa_gen": "mathqa",
-              "resp_gsm8k_cot_paper": "gsm8k", "resp_mathqa_paper": "mathqa"}
-PAPER_TASKS = {"gsm8k": "resp_gsm8k_cot_paper", "mathqa": "resp_mathqa_paper"}
-# local files per kind: lm-eval split -> file name (optional ones may be missing)
-LOCAL_FILES = {
-    "gsm8k": {"train": "train.jsonl", "test": "test.jsonl"},
-    "mathqa": {"validation": "dev.json", "test": "test.json"},
-}
-OPTIONAL_FILES = {"mathqa": {"train": "train.json"}}
-STOP_MODES = ("after_think", "whole_output")
-
-
-def _task_utils():
-    from resp_plugins.evaluators.lm_eval_tasks import utils
-
-    return utils
 
 
 def _lm_module():
@@ -106,10 +95,6 @@ def make_lm(model, tokenizer, generator=None, **kwargs):
 # Parameters
 # --------------------------------------------------------------------------------------------------
 
-DEFAULT_MAX_NEW_TOKENS = {"resp_gsm8k_cot": 2048, "resp_mathqa_gen": 4096,
-                          "resp_gsm8k_cot_paper": 2048, "resp_mathqa_paper": 4096}
-
-
 class LmEvalSampling(Params):
     """Decoding for every generative task (the paper's: sampled, temperature 0.6, thinking)."""
 
@@ -125,104 +110,6 @@ class LmEvalSampling(Params):
         if isinstance(self.max_new_tokens, int):
             return self.max_new_tokens
         return self.max_new_tokens.get(task)
-
-
-class SideModel(Params):
-    """A second local model driven through a generation backend (greedy)."""
-
-    model_path: str  # local folder (or hub id / "testbed"), loaded like a recipe's model
-    dtype: str = "float32"
-    device: str | None = None  # default: the run's device
-    generator: str = "hf"  # generation backend (registry name)
-    generator_params: dict = Field(default_factory=dict)
-
-
-class LLMExtractor(SideModel):
-    """A local model that reads each completion and names its final answer (RESP's)."""
-
-    max_new_tokens: int = Field(32, ge=1)
-    max_response_chars: int = Field(4000, ge=1)  # the tail of the (post-</think>) response shown to it
-
-
-class LLMJudge(SideModel):
-    """The authors' lenient true/false judge: target and response in, ``ANSWER: true/false`` out."""
-
-    max_new_tokens: int = Field(150, ge=1)  # the authors' max_tokens
-    prompt: Literal["auto", "gsm8k", "mathqa"] = "auto"  # auto: by task kind (GSM8K's for other tasks)
-    max_response_chars: int | None = Field(None, ge=1)  # None: the whole response, as the authors
-    enable_thinking: bool = False  # the authors' judge is an instruct (non-thinking) model
-
-
-EXTRACTOR_PROMPT = (
-    "Below are a question and a response to it. Extract the final answer that the response "
-    "commits to. Reply with the final answer only: {what}. If the response gives no final answer, "
-    "reply NONE.\n\nQuestion:\n{question}\n\nResponse:\n{response}\n\nFinal answer:"
-)
-_WHAT = {"gsm8k": "a single number", "mathqa": "a single option letter (a, b, c, d or e)"}
-
-# The authors' judge prompts, verbatim (uncc-efficient-ai/RESP, modules/eval/answer_extract_gsm8k.py
-# and answer_extract_mathqa.py: SYSTEM_INSTRUCTIONS and the user message of ask_true_false).
-JUDGE_SYSTEM = {
-    "gsm8k": (
-        "You are an answer checker.\n"
-        "Return your answer in this EXACT format:\n"
-        "ANSWER: true/false\n"
-        "REASON: [your reasoning]\n\n"
-        "Task:\n"
-        "Given a JSON payload with `target` (string) and `resps` (list of strings),\n"
-        "return true if ANY element of `resps` contains a representation of the value as `target` in their "
-        "final answer. Otherwise return false. You do not have to be very restrict. Treat matching in a "
-        "commonsense manner (do not need to check format and unit)."
-    ),
-    "mathqa": (
-        "Return your answer in this EXACT format:\n"
-        "ANSWER: true/false\n"
-        "REASON: [your reasoning]\n\n"
-        "Task:\n"
-        "You are an expert evaluator for multiple-choice question answering tasks.\n"
-        "Given a question, a correct option with the specific value (target), and a model's solution, you "
-        "must determine whether the solution is correct.\n"
-        "You should strictly judge correctness based on the meaning \u2014 if the solution matches the correct "
-        "choice or expresses the same answer (even if written differently), mark it as true. Otherwise, "
-        "mark it as false.\n"
-        "The model's solution may either mention the option letter (e.g., \"B\") or the actual value "
-        "(e.g., \"30 mph\"). Both count as correct if they match in meaning.\n"
-        "Ignore case, punctuation, and minor phrasing differences when judging equivalence."
-    ),
-}
-JUDGE_USER = "Return answer and reasoning in the specified format.\nDATA:\n{payload}"
-
-
-def judge_messages(kind: str, target: str, responses: list[str]) -> list[dict]:
-    """The judge's conversation: the authors' system instructions and ``DATA:`` payload."""
-    payload = json.dumps({"target": (target or "").strip(), "resps": [(r or "").strip() for r in responses]},
-                         ensure_ascii=False)
-    return [{"role": "system", "content": JUDGE_SYSTEM["mathqa" if kind == "mathqa" else "gsm8k"]},
-            {"role": "user", "content": JUDGE_USER.format(payload=payload)}]
-
-
-def parse_judge_reply(reply: str) -> bool:
-    """The authors' reading: the (last) ``ANSWER:`` line says exactly ``true``; anything else,
-    including no such line, is false.  A thinking judge's trace is skipped."""
-    verdict = False
-    for line in _task_utils().after_think(reply or "").splitlines():
-        s = line.strip()
-        if s.lower().startswith("answer:"):
-            verdict = s.split(":", 1)[1].strip().lower() == "true"
-    return verdict
-
-
-def judge_target(kind: str | None, doc: dict, target) -> str:
-    """What the judge is told the right answer is: GSM8K's number after ``####`` (lm-eval's
-    ``gsm8k_cot`` target), MathQA's ``Options: …\\n Correct: x`` (the authors' ``mathqa_decoding``
-    target); for other tasks lm-eval's own target."""
-    if kind == "gsm8k" and "####" in str(doc.get("answer", "")):
-        return str(doc["answer"]).split("####")[-1].strip()
-    if kind == "mathqa" and "options" in doc and "correct" in doc:
-        return f"Options: {doc['options']}\n Correct: {doc['correct']}"
-    if isinstance(target, list):
-        target = target[0] if len(target) == 1 else ", ".join(str(t) for t in target)
-    return str(target)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -277,93 +164,6 @@ class LmEvalHarness(Evaluator):
                                     f"({', '.join(p.tasks)})")
 
     # -- tasks -------------------------------------------------------------------------------
-    def _task_manager(self):
-        from lm_eval.tasks import TaskManager
-
-        p = self.params
-        paths = [str(TASKS_DIR)] + [str(Path(x).expanduser()) for x in p.include_path]
-        tm = TaskManager(include_path=paths, include_defaults=False)
-        # indexing lm-eval's own few thousand task files takes seconds: only when a task needs it
-        if any(t not in tm.all_tasks for t in p.tasks):
-            tm = TaskManager(include_path=paths, include_defaults=True)
-        return tm
-
-    def _local_files(self, task: str, folder: str) -> dict[str, str]:
-        kind = RESP_TASKS[task]
-        root = Path(folder).expanduser()
-        if not root.is_dir():
-            raise RespError(f"lm_eval: data_dir for {task} {str(root)!r} is not a folder")
-        files = {}
-        for split, name in LOCAL_FILES[kind].items():
-            f = root / name
-            if not f.is_file():
-                raise RespError(f"lm_eval: {task}: missing file {str(f)!r} in data_dir")
-            files[split] = str(f.resolve())
-        for split, name in OPTIONAL_FILES.get(kind, {}).items():
-            if (root / name).is_file():
-                files[split] = str((root / name).resolve())
-        return files
-
-    def _task_specs(self) -> list:
-        """Task names, or full config dicts for RESP tasks given a data_dir."""
-        from lm_eval.tasks._yaml_loader import load_yaml
-
-        p = self.params
-        specs = []
-        for name in p.tasks:
-            if name not in RESP_TASKS:
-                if name in p.data_dir:
-                    raise RespError(f"lm_eval: data_dir is only for RESP tasks ({', '.join(RESP_TASKS)})")
-                specs.append(name)
-                continue
-            if name not in p.data_dir:
-                specs.append(name)
-                continue
-            cfg = load_yaml(TASKS_DIR / f"{name}.yaml", resolve_func=True)
-            cfg["dataset_path"] = "json"
-            cfg["dataset_name"] = None
-            cfg["dataset_kwargs"] = {"data_files": self._local_files(name, p.data_dir[name])}
-            specs.append(cfg)
-        return specs
-
-    def _load_tasks(self, tm) -> dict:
-        return dict(tm.load(self._task_specs())["tasks"])
-
-    def _configure(self, tasks: dict) -> None:
-        """Write the run's sampling into every generative task (do_sample always explicit) and
-        apply num_fewshot overrides."""
-        p, s = self.params, self.params.sampling
-        for name, task in tasks.items():
-            if task.get_config("output_type") == "generate_until":
-                gen = dict(task.get_config("generation_kwargs") or {})
-                gen.update(do_sample=s.do_sample, temperature=float(s.temperature), top_p=float(s.top_p),
-                           top_k=int(s.top_k))
-                budget = s.budget(name)
-                if budget is not None:
-                    gen["max_gen_toks"] = int(budget)
-                gen.pop("max_new_tokens", None)
-                gen.setdefault("until", [])
-                task.set_config(key="generation_kwargs", value=gen)
-            shots = p.num_fewshot if not isinstance(p.num_fewshot, dict) else p.num_fewshot.get(name)
-            if shots is not None:
-                task.set_config(key="num_fewshot", value=int(shots))
-
-    @staticmethod
-    def _meta(task) -> dict:
-        meta = task.get_config("metadata") if task is not None else None
-        return meta if isinstance(meta, dict) else {}
-
-    def _stop_modes(self, tasks: dict) -> dict[str, str]:
-        p = self.params
-        out = {}
-        for name, task in tasks.items():
-            mode = p.stop_strings or self._meta(task).get("resp_stop_strings") or "after_think"
-            if mode not in STOP_MODES:
-                raise RespError(f"lm_eval: task {name}: metadata.resp_stop_strings {mode!r} is not one of "
-                                f"{', '.join(STOP_MODES)}")
-            out[name] = mode
-        return out
-
     def _main_metrics(self, tasks: dict) -> dict[str, str]:
         """The main metric of each task (checked against the metrics the task reports)."""
         p = self.params
@@ -375,14 +175,14 @@ class LmEvalHarness(Evaluator):
             generative = task.get_config("output_type") == "generate_until"
             if p.llm_judge is not None and generative:
                 available.append("judge_accuracy")
-            if p.llm_extractor is not None and self._meta(task).get("resp_kind") in _WHAT:
+            if p.llm_extractor is not None and task_meta(task).get("resp_kind") in EXTRACTOR_WHAT:
                 available.append("llm_extracted_accuracy")
             chosen = p.main_metric.get(name) if isinstance(p.main_metric, dict) else p.main_metric
             if chosen is None:
                 if p.llm_judge is not None and generative:
                     chosen = "judge_accuracy"
                 else:
-                    chosen = self._meta(task).get("resp_main_metric") or (available[0] if available else None)
+                    chosen = task_meta(task).get("resp_main_metric") or (available[0] if available else None)
             if chosen is None:
                 continue
             if available and chosen not in available:
@@ -394,9 +194,9 @@ class LmEvalHarness(Evaluator):
     # -- running -----------------------------------------------------------------------------
     def _load(self):
         p = self.params
-        tm = self._task_manager()
+        tm = task_manager(p.tasks, p.include_path)
         try:
-            tasks = self._load_tasks(tm)
+            tasks = load_tasks(tm, p.tasks, p.data_dir)
         except RespError:
             raise
         except Exception as exc:  # unknown task, no network for a hub dataset, bad YAML ...
@@ -404,7 +204,7 @@ class LmEvalHarness(Evaluator):
             hint = " (set data_dir to local files for RESP tasks)" if not all(t in p.data_dir for t in p.tasks) else ""
             raise RespError(f"lm_eval: could not load tasks {', '.join(p.tasks)}: "
                             f"{type(exc).__name__}: {msg}{hint}") from None
-        self._configure(tasks)
+        configure_tasks(tasks, p.sampling, p.num_fewshot)
         return tm, tasks
 
     def _run_seed(self, ctx: RunContext, seed: int, tm, tasks: dict):
@@ -413,7 +213,7 @@ class LmEvalHarness(Evaluator):
         p = self.params
         s = p.sampling
         default_budget = s.max_new_tokens if isinstance(s.max_new_tokens, int) else 256
-        modes = self._stop_modes(tasks)
+        modes = stop_modes(tasks, p.stop_strings)
         lm = make_lm(ctx.model, ctx.tokenizer, ctx.generator,
                      sampling=SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                                              max_new_tokens=default_budget, do_sample=s.do_sample,
@@ -466,7 +266,7 @@ class LmEvalHarness(Evaluator):
         return EvalResult(_combine(per_seed, p.seeds, mains), records)
 
     def _collect(self, lm, tasks: dict, results: dict, seed: int) -> tuple[dict[str, float], list[dict]]:
-        utils = _task_utils()
+        utils = task_utils()
         metrics: dict[str, float] = {}
         for task, values in (results.get("results") or {}).items():
             for key, value in values.items():
@@ -484,7 +284,7 @@ class LmEvalHarness(Evaluator):
         recs: list[dict] = []
         per_task_info: dict[str, list[dict]] = defaultdict(list)
         for task, samples in (results.get("samples") or {}).items():
-            kind = self._meta(tasks.get(task)).get("resp_kind")
+            kind = task_meta(tasks.get(task)).get("resp_kind")
             by_doc: dict[Any, list[dict]] = {}  # lm-eval logs one sample per doc and filter
             for sample in samples:
                 by_doc.setdefault(sample.get("doc_id"), []).append(sample)
@@ -520,74 +320,18 @@ class LmEvalHarness(Evaluator):
             metrics[f"{task}/mean_tokens"] = sum(i["tokens"] for i in infos) / len(infos)
         return metrics, recs
 
-    # -- the LLM judge ------------------------------------------------------------------------
+    # -- the LLM judge and answer extraction -------------------------------------------------
     def _llm_judge(self, ctx: RunContext, recs: list[dict]) -> dict[str, float]:
         cfg = self.params.llm_judge
-        todo = [r for r in recs if "finished" in r]  # generative items
-        if not todo:
-            return {}
-        gen = self._side_generator(ctx, "judge", cfg)
-        convs = []
-        for r in todo:
-            kind = r.get("kind") if cfg.prompt == "auto" else cfg.prompt
-            response = r["completion"] if cfg.max_response_chars is None else r["completion"][-cfg.max_response_chars:]
-            target = judge_target(r.get("kind"), r["_doc"], r.get("target"))
-            r["judge_target"] = target
-            convs.append(judge_messages(kind or "gsm8k", target, [response]))
-        sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, do_sample=False, temperature=0.0,
-                                  enable_thinking=cfg.enable_thinking, seed=0)
-        comps = gen.generate(convs, sampling, ctx.progress, "LLM judge")
-        verdicts: dict[str, list[bool]] = defaultdict(list)
-        for r, c in zip(todo, comps):
-            r["judge_reply"] = c.text
-            r["judge_verdict"] = parse_judge_reply(c.text)
-            verdicts[r["task"]].append(r["judge_verdict"])
-        return {f"{task}/judge_accuracy": sum(v) / len(v) for task, v in verdicts.items()}
+        return run_llm_judge(cfg, recs, lambda: self._side_generator(ctx, "judge", cfg), ctx.progress)
 
-    # -- LLM answer extraction ----------------------------------------------------------------
     def _llm_extract(self, ctx: RunContext, recs: list[dict]) -> dict[str, float]:
-        utils = _task_utils()
         cfg = self.params.llm_extractor
-        todo = [r for r in recs if r.get("kind") in _WHAT]
-        if not todo:
-            return {}
-        gen = self._side_generator(ctx, "extractor", cfg)
-        convs = []
-        for r in todo:
-            tail = utils.after_think(r["completion"]).strip()[-cfg.max_response_chars:]
-            question = utils.question_of(r["kind"], r["_doc"])
-            convs.append([{"role": "user", "content": EXTRACTOR_PROMPT.format(
-                what=_WHAT[r["kind"]], question=question, response=tail or "(empty)")}])
-        sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, do_sample=False, temperature=0.0,
-                                  enable_thinking=False, seed=0)
-        comps = gen.generate(convs, sampling, ctx.progress, "LLM answer extraction")
-        stats: dict[str, list[tuple[bool, bool]]] = defaultdict(list)
-        for r, c in zip(todo, comps):
-            got = utils.parse_extractor_reply(r["kind"], c.text)
-            regex = utils.regex_answer(r["kind"], r["_doc"], r["completion"])
-            r["llm_reply"] = c.text
-            r["llm_extracted"] = got
-            correct = utils.answers_match(r["kind"], got, r["gold"])
-            agree = (got is None and regex is None) or utils.answers_match(r["kind"], got, regex)
-            r["llm_correct"] = correct
-            r["llm_regex_agree"] = agree
-            stats[r["task"]].append((correct, agree))
-        out = {}
-        for task, xs in stats.items():
-            out[f"{task}/llm_extracted_accuracy"] = sum(c for c, _ in xs) / len(xs)
-            out[f"{task}/llm_regex_agreement"] = sum(a for _, a in xs) / len(xs)
-        return out
+        return run_llm_extractor(cfg, recs, lambda: self._side_generator(ctx, "extractor", cfg), ctx.progress)
 
     def _side_generator(self, ctx: RunContext, role: str, cfg: SideModel):
         if role not in self._side:
-            from resp_core.loading import load_model_and_tokenizer
-            from resp_core.recipe import ModelSection
-
-            section = ModelSection(path=cfg.model_path, dtype=cfg.dtype, device=cfg.device or ctx.device)
-            model, tokenizer = load_model_and_tokenizer(section)
-            gen = _create_generator(cfg.generator, cfg.generator_params, f"evaluator.params.llm_{role}.generator")
-            gen.bind(model, tokenizer)
-            self._side[role] = gen
+            self._side[role] = load_side_generator(cfg, role, ctx.device)
         return self._side[role]
 
 
@@ -597,16 +341,6 @@ class LmEvalHarness(Evaluator):
 
 def _key(task: str, metric: str) -> str:
     return f"{task}/{metric}"
-
-
-def _create_generator(name: str, params: dict, where: str):
-    if name == "hf":  # the built-in backend, without building the whole registry
-        from resp_plugins.generators.hf import HFGenerator
-
-        return HFGenerator(HFGenerator.Params(**params))
-    from resp_core.registry import get_registry
-
-    return get_registry().create("generator", name, params, where)
 
 
 @contextmanager

@@ -41,13 +41,13 @@ import json
 import logging
 from collections import defaultdict
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Literal
 
 import torch
 
 from resp_core.errors import RespError
 from resp_core.interfaces import Progress, SamplingParams
+from resp_plugins.evaluators.lm_eval_tasks_config import STOP_MODES
 
 try:
     from lm_eval.api.registry import register_model
@@ -61,8 +61,6 @@ except ImportError as exc:  # pragma: no cover - exercised only without the eval
 log = logging.getLogger(__name__)
 
 THINK_END = "</think>"
-STOP_MODES = ("after_think", "whole_output")
-TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 
 StopMode = Literal["after_think", "whole_output"]
 
