@@ -28,22 +28,15 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import checkpoint_folder, load_weights, saved_checkpoints
 from .errors import RespError
 from .model.adapter import adapter_for, output_bias_flags
-from .model.compaction import (
-    _base_classes,
-    _head_rows,
-    _layer_plan,
-    _tied_names,
-    compacted_state,
-    config_json,
-    is_pruned_dir,
-    load_pruned,
-    save_compacted,
-    validate_pruned_dir,
-    write_model_folder,
-)
+from .model.compaction import _head_rows, compacted_state
+from .model.pruned_model import _base_classes, _tied_names, is_pruned_dir, load_pruned, validate_pruned_dir
+from .model.record import _layer_plan
+from .model.saving import config_json, save_compacted, write_model_folder
 from .model.masks import MaskSet, apply_mask
+from .rundir import CHECKPOINT_DIR
 
 FORMATS = ("compacted", "masked", "uniform")
 USE_INSTEAD = "export it as 'compacted' (RESP's loader) or 'masked' (dense shape, any runtime)"
@@ -168,7 +161,7 @@ def check_uniform(model, mask: MaskSet) -> str | None:
     """Why ``mask`` cannot be exported as ``uniform`` (None when it can), without writing anything."""
     adapter = adapter_for(model)
     plan = _layer_plan(adapter, mask)
-    from .model.compaction import _record
+    from .model.record import _record
 
     try:
         uniform_shape(_record(adapter, plan))
@@ -219,24 +212,18 @@ def _same(a: MaskSet, b: MaskSet) -> bool:
 
 def _from_checkpoint(run: Path, model, mask: MaskSet) -> str | None:
     """Load the edited weights of the run's checkpoint saved at ``mask`` into ``model``."""
-    folder = run / "resume"
+    folder = checkpoint_folder(run)
     if not folder.is_dir():
         return None
     geometry = adapter_for(model).geometry
-    for f in sorted(folder.glob("step_*.json"), reverse=True):
-        try:
-            state = json.loads(f.read_text())
-        except (OSError, ValueError):
-            continue
+    for state in saved_checkpoints(folder):
         weights, mask_name = state.get("weights_file"), state.get("mask_file")
         if not weights or not mask_name or not (folder / weights).is_file() or not (folder / mask_name).is_file():
             continue
         if not _same(MaskSet.load(folder / mask_name, geometry), mask):
             continue
-        from .pipeline import _load_weights
-
-        _load_weights(model, folder / weights)
-        return f"resume/{weights}"
+        load_weights(model, folder / weights)
+        return f"{CHECKPOINT_DIR}/{weights}"
     return None
 
 
@@ -252,6 +239,27 @@ def _plan_matches(record: dict, plan: list[dict]) -> bool:
     return True
 
 
+def _expand_block(dense, small, block: str, layer: int, new_idx: int, inputs, output: str, cols) -> None:
+    """One ``block`` (``attention`` or ``mlp``) of :func:`expand_into`: the rows ``inputs`` names
+    (projection, rows) and the ``output`` projection's columns ``cols`` copied from the compacted
+    layer ``new_idx``, then the output bias it has; ``cols`` None: compaction removed the block,
+    whose added output bias (if any) stays on the compacted layer as ``<output>_bias``."""
+    parts = getattr(dense, f"{block}_parts")(layer)
+    if cols is not None:
+        c = getattr(small, f"{block}_parts")(new_idx)
+        for name, rows in inputs:
+            dst, src = getattr(parts, name), getattr(c, name)
+            dst.weight[rows] = src.weight
+            if dst.bias is not None:
+                dst.bias[rows] = src.bias
+        getattr(parts, output).weight[:, cols] = getattr(c, output).weight
+        bias = getattr(c, output).bias
+    else:
+        bias = getattr(getattr(small, block)(new_idx), f"{output}_bias", None)
+    if bias is not None:
+        type(dense).ensure_bias(getattr(parts, output)).copy_(bias)
+
+
 @torch.no_grad()
 def expand_into(model, compacted, record: dict, mask: MaskSet) -> None:
     """Make the dense-shaped ``model`` the masked model whose kept weights are ``compacted``'s:
@@ -263,36 +271,12 @@ def expand_into(model, compacted, record: dict, mask: MaskSet) -> None:
     plan = _layer_plan(dense, mask)
     for new_idx, (rec, p) in enumerate(zip(record["layers"], plan)):
         i = p["source_layer"]
-        a = dense.attention_parts(i)
-        m = dense.mlp_parts(i)
         q = torch.tensor(p["q_heads"], dtype=torch.long)
         kv = torch.tensor(p["kv_heads"], dtype=torch.long)
         ch = torch.tensor(p["mlp_channels"], dtype=torch.long)
-        if len(q):
-            c = small.attention_parts(new_idx)
-            qr, kr = _head_rows(q, hd), _head_rows(kv, hd)
-            for dst, src, rows in ((a.q, c.q, qr), (a.k, c.k, kr), (a.v, c.v, kr)):
-                dst.weight[rows] = src.weight
-                if dst.bias is not None:
-                    dst.bias[rows] = src.bias
-            a.o.weight[:, qr] = c.o.weight
-            o_bias = c.o.bias
-        else:
-            o_bias = getattr(small.attention(new_idx), "o_bias", None)
-        if o_bias is not None:
-            type(dense).ensure_bias(a.o).copy_(o_bias)
-        if len(ch):
-            c = small.mlp_parts(new_idx)
-            for dst, src in ((m.gate, c.gate), (m.up, c.up)):
-                dst.weight[ch] = src.weight
-                if dst.bias is not None:
-                    dst.bias[ch] = src.bias
-            m.down.weight[:, ch] = c.down.weight
-            down_bias = c.down.bias
-        else:
-            down_bias = getattr(small.mlp(new_idx), "down_bias", None)
-        if down_bias is not None:
-            type(dense).ensure_bias(m.down).copy_(down_bias)
+        qr, kr = (_head_rows(q, hd), _head_rows(kv, hd)) if len(q) else (None, None)
+        _expand_block(dense, small, "attention", i, new_idx, (("q", qr), ("k", kr), ("v", kr)), "o", qr)
+        _expand_block(dense, small, "mlp", i, new_idx, (("gate", ch), ("up", ch)), "down", ch if len(ch) else None)
 
 
 def _from_compacted(run: Path, model, mask: MaskSet) -> str | None:

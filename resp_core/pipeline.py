@@ -16,7 +16,7 @@ Everything is recorded in the run folder as it happens, through the atomic write
 :mod:`resp_core.rundir`.
 
 **Resume.**  After step 0 (dense evaluation and the first calibration generation) and after every
-step, a checkpoint ``resume/step_XX.json`` records what the next step depends on: the mask
+step, a checkpoint ``resume/step_XX.json`` (:mod:`resp_core.checkpoint`) records what the next step depends on: the mask
 (``resume/step_XX.mask.safetensors``), the model weights when the scorer edits them
 (``before_removal`` overridden: ``resume/step_XX.weights.safetensors``; otherwise the weights are
 the dense ones with the mask applied), the current calibration generation (file and sha256), the
@@ -47,18 +47,21 @@ from typing import Callable
 import torch
 
 from . import __version__
+from .checkpoint import generation_file, latest_checkpoint, restore_checkpoint, save_checkpoint
 from .errors import RespError, RunFailed, RunInterrupted
+from .export import export_at_end
 from .fingerprint import model_fingerprint
 from .interfaces import CalibrationSample, CalibrationSet, Progress, RunContext, Scorer
 from .loading import load_model_and_tokenizer
-from .model.adapter import DecoderAdapter, adapter_for
-from .model.compaction import compacted_copy, save_compacted, save_pruned
+from .model.adapter import adapter_for
+from .model.compaction import compacted_copy
+from .model.saving import save_compacted, save_pruned
 from .model.masks import MaskSet, apply_mask, kept_parameter_count, sparsity_of, sparsity_report
 from .model.structures import build_structures, check_plan
 from .init_from import load_init_point
 from .recipe import ResolvedRecipe, dump_recipe
-from .rundir import (CHECKPOINT_DIR, RunDir, RunRecord, atomic_file, atomic_write_text, kill_point, rng_state,
-                     seed_everything, set_rng_state, sha256_file, source_commit, write_json, write_jsonl)
+from .rundir import (CHECKPOINT_DIR, RunDir, RunRecord, atomic_write_text, kill_point, seed_everything,
+                     set_rng_state, source_commit, write_json, write_jsonl)
 
 
 @dataclass
@@ -222,22 +225,80 @@ def _guarded(run_dir: RunDir, record: RunRecord, created: bool, body: Callable[[
 
 def _run(resolved: ResolvedRecipe, run_dir: RunDir, record: RunRecord, model, tokenizer, progress: Progress,
          on_row: Callable[[dict], None] | None, resume: bool) -> RunResult:
-    recipe = resolved.recipe
-    ctx = build_context(resolved, model, tokenizer, progress)
+    """The run's phases in order: start (or restore the latest checkpoint), the steps still to
+    run, finish."""
+    run = _Run(resolved, run_dir, record, model, tokenizer, progress, on_row)
     checkpoint = latest_checkpoint(run_dir) if resume else None
-    steps = resolved.schedule.steps()
-    # a target (or measured milestone) the structures cannot reach: one line, before anything runs
-    check_plan(ctx.structures, steps, getattr(getattr(resolved.allocator, "params", None), "budget", "parameters"))
-    init = load_init_point(recipe.init_from, ctx.adapter, ctx.structures) if recipe.init_from else None
+    run.plan()
     if checkpoint is None:
+        run.start(resumed_from=0 if resume else None)
+    else:
+        run.restore(checkpoint)
+    for k, step in enumerate(run.steps, start=1):
+        if run.pending(k, step):
+            run.step(k, step)
+    return run.finish()
+
+
+class _Run:
+    """One run between its phases: :meth:`start` (or :meth:`restore` from a checkpoint), one
+    :meth:`step` per schedule step (its :meth:`milestones` and regenerations), :meth:`finish`."""
+
+    def __init__(self, resolved: ResolvedRecipe, run_dir: RunDir, record: RunRecord, model, tokenizer,
+                 progress: Progress, on_row: Callable[[dict], None] | None):
+        self.resolved, self.recipe = resolved, resolved.recipe
+        self.run_dir, self.record, self.model, self.tokenizer = run_dir, record, model, tokenizer
+        self.progress, self.on_row = progress, on_row
+        self.ctx = build_context(resolved, model, tokenizer, progress)
+        self.result = RunResult(run_dir)
+        self.edits_weights = type(resolved.scorer).before_removal is not Scorer.before_removal
+        self.steps: list = []
+        self.init = None
+        self.dense_params = 0
+        self.samples: list[CalibrationSample] = []
+        self.mask: MaskSet | None = None
+        self.generation = 0
+        self.trace_stats: dict = {}
+        self.first = 1  # the first step still to run
+        self.previous = 0.0  # the sparsity measured before the next step (milestones crossed)
+
+    def plan(self) -> None:
+        """The schedule's steps; a target (or measured milestone) the structures cannot reach: one
+        line, before anything runs; then the saved run to start from (``init_from``), if any."""
+        resolved, ctx = self.resolved, self.ctx
+        self.steps = resolved.schedule.steps()
+        budget = getattr(getattr(resolved.allocator, "params", None), "budget", "parameters")
+        check_plan(ctx.structures, self.steps, budget)
+        if self.recipe.init_from:
+            self.init = load_init_point(self.recipe.init_from, ctx.adapter, ctx.structures)
+
+    def record_row(self, row: dict) -> None:
+        self.result.rows.append(row)
+        write_json(self.run_dir.file("metrics.json"), self.result.rows)
+        if self.on_row:
+            self.on_row(row)
+
+    def save_generation(self) -> None:
+        """Write the current calibration samples as generation ``self.generation``."""
+        write_jsonl(self.run_dir.file(generation_file(self.generation)), _calibration_rows(self.samples))
+        self.trace_stats = _trace_stats(self.samples)
+
+    def checkpoint(self, step: int) -> None:
+        save_checkpoint(self.run_dir, step, len(self.steps), self.mask, self.model if self.edits_weights else None,
+                        self.generation, self.result.rows, self.trace_stats, self.resolved.calibration)
+
+    def start(self, resumed_from: int | None) -> None:
+        """A new run: seed, recipe and run record, the dense evaluation, the first calibration
+        generation (and ``init_from``'s mask and regeneration), checkpoint 0."""
+        recipe, resolved, ctx, record, init = self.recipe, self.resolved, self.ctx, self.record, self.init
         seed_everything(recipe.seed)
-        atomic_write_text(run_dir.file("recipe.yaml"), dump_recipe(recipe))
-        dense_params = ctx.adapter.parameter_count()
+        atomic_write_text(self.run_dir.file("recipe.yaml"), dump_recipe(recipe))
+        self.dense_params = ctx.adapter.parameter_count()
         record.info = {
             "status": "running", "name": recipe.name, "resp_version": __version__, "commit": source_commit(),
             "torch": torch.__version__, "python": platform.python_version(),
-            "model": recipe.model.path, "model_fingerprint": model_fingerprint(model), "seed": recipe.seed,
-            "dense_parameters": dense_params,
+            "model": recipe.model.path, "model_fingerprint": model_fingerprint(self.model), "seed": recipe.seed,
+            "dense_parameters": self.dense_params,
             "prunable_parameters": ctx.structures.prunable_parameter_total(),
             "protected_layers": [i for i, p in enumerate(ctx.structures.prunable_layers.tolist()) if not p],
             "plugins": resolved.plugin_versions(),
@@ -245,60 +306,56 @@ def _run(resolved: ResolvedRecipe, run_dir: RunDir, record: RunRecord, model, to
             "mode": recipe.mode, **({"protocol": recipe.protocol()} if recipe.mode == "paper" else {}),
             **({"init_from": init.record()} if init is not None else {}),
         }
-    else:
-        dense_params = record.info["dense_parameters"]
-        progress.log(f"resuming {run_dir.path} after step {checkpoint['step']}")
-    record.begin(resumed_from=(checkpoint["step"] if checkpoint else 0) if resume else None)
-    result = RunResult(run_dir)
-    edits_weights = type(resolved.scorer).before_removal is not Scorer.before_removal
-
-    def record_row(row: dict) -> None:
-        result.rows.append(row)
-        write_json(run_dir.file("metrics.json"), result.rows)
-        if on_row:
-            on_row(row)
-
-    if checkpoint is None:
+        record.begin(resumed_from=resumed_from)
         if recipe.evaluation.evaluate_dense and resolved.evaluators:
-            metrics = evaluate_point(resolved, ctx, run_dir, "dense")
-            record_row({"step": 0, **sparsity_report(ctx.mask, ctx.structures), "target": 0.0,
-                        "parameters": dense_params, "milestone": True, **metrics})
+            metrics = evaluate_point(resolved, ctx, self.run_dir, "dense")
+            self.record_row({"step": 0, **sparsity_report(ctx.mask, ctx.structures), "target": 0.0,
+                             "parameters": self.dense_params, "milestone": True, **metrics})
 
-        samples = resolved.calibration.build(ctx)
+        self.samples = resolved.calibration.build(ctx)
         kill_point("generate")
-        if not samples:
+        if not self.samples:
             raise RespError("calibration: the source produced no samples")
-        generation = 0
-        write_jsonl(run_dir.file("calibration", f"generation_{generation:02d}.jsonl"), _calibration_rows(samples))
-        trace_stats = _trace_stats(samples)
-        mask = ctx.mask
+        self.generation = 0
+        self.save_generation()
+        self.mask = ctx.mask
         if init is not None:  # a saved run's mask (resp_core/init_from.py), then its milestone's regeneration
             apply_mask(ctx.adapter, init.mask)
-            mask = ctx.mask = init.mask
-            rho = init.regenerate_fraction(steps)
-            progress.log(f"starting from {init.path} (sparsity {init.sparsity:.3f}); regenerating {rho:.0%} of the traces")
+            self.mask = ctx.mask = init.mask
+            rho = init.regenerate_fraction(self.steps)
+            self.progress.log(f"starting from {init.path} (sparsity {init.sparsity:.3f}); "
+                              f"regenerating {rho:.0%} of the traces")
             if rho > 0 and resolved.calibration.regenerable:
-                samples = resolved.calibration.regenerate(ctx, samples, rho)
-                generation += 1
-                write_jsonl(run_dir.file("calibration", f"generation_{generation:02d}.jsonl"), _calibration_rows(samples))
-                trace_stats = _trace_stats(samples)
-        first = 1
-        save_checkpoint(run_dir, 0, len(steps), mask, model if edits_weights else None, generation,
-                        result.rows, trace_stats, resolved.calibration)
-    else:
-        generation, trace_stats = checkpoint["generation"], checkpoint["trace_stats"]
-        samples, mask = restore_checkpoint(run_dir, checkpoint, ctx, resolved.calibration)
-        result.rows = list(checkpoint["rows"])
-        write_json(run_dir.file("metrics.json"), result.rows)
-        first = checkpoint["step"] + 1
+                self.samples = resolved.calibration.regenerate(ctx, self.samples, rho)
+                self.generation += 1
+                self.save_generation()
+        self.first = 1
+        self.checkpoint(0)
+        self.previous = sparsity_of(self.mask, ctx.structures)
+
+    def restore(self, checkpoint: dict) -> None:
+        """A resumed run: the state after the checkpoint's step, the RNG states last."""
+        self.dense_params = self.record.info["dense_parameters"]
+        self.progress.log(f"resuming {self.run_dir.path} after step {checkpoint['step']}")
+        self.record.begin(resumed_from=checkpoint["step"])
+        self.generation, self.trace_stats = checkpoint["generation"], checkpoint["trace_stats"]
+        self.samples, self.mask = restore_checkpoint(self.run_dir, checkpoint, self.ctx, self.resolved.calibration)
+        self.result.rows = list(checkpoint["rows"])
+        write_json(self.run_dir.file("metrics.json"), self.result.rows)
+        self.first = checkpoint["step"] + 1
         set_rng_state(checkpoint["rng"])
-    costs = ctx.structures.costs
-    previous = sparsity_of(mask, ctx.structures)  # measured before the next step (milestones crossed)
-    for k, step in enumerate(steps, start=1):
-        if k < first or (init is not None and init.skips(step)):  # done, or at/below init_from's point
-            continue
+        self.previous = sparsity_of(self.mask, self.ctx.structures)
+
+    def pending(self, k: int, step) -> bool:
+        """Step ``k`` still to run: not done before a resume, not at/below ``init_from``'s point."""
+        return not (k < self.first or (self.init is not None and self.init.skips(step)))
+
+    def step(self, k: int, step) -> None:
+        """Score, allocate, remove, save the mask; then the step's milestones, the calibration
+        regenerations they ask for, and checkpoint ``k``."""
+        resolved, ctx = self.resolved, self.ctx
         ctx.step, ctx.target = k, step.sparsity
-        calib = CalibrationSet(samples, tokenizer.pad_token_id)
+        calib = CalibrationSet(self.samples, self.tokenizer.pad_token_id)
         resolved.generator.before_scoring()  # e.g. vLLM frees its KV cache while gradients are computed
         try:
             scores = resolved.scorer.score(ctx, calib)
@@ -306,161 +363,82 @@ def _run(resolved: ResolvedRecipe, run_dir: RunDir, record: RunRecord, model, to
             resolved.generator.after_scoring()
         kill_point("score")
         resolved.allocator.prepare(ctx, calib)
-        new_mask = resolved.allocator.allocate(scores, ctx.structures, mask, step.sparsity)
-        if not new_mask.is_subset_of(mask):
+        new_mask = resolved.allocator.allocate(scores, ctx.structures, self.mask, step.sparsity)
+        if not new_mask.is_subset_of(self.mask):
             raise RuntimeError("allocator revived pruned units; masks must be nested")
-        resolved.scorer.before_removal(ctx, mask, new_mask)
+        resolved.scorer.before_removal(ctx, self.mask, new_mask)
         apply_mask(ctx.adapter, new_mask)
-        mask = ctx.mask = new_mask
-        reached = sparsity_of(mask, ctx.structures)
-        mask.save(run_dir.file("masks", f"step_{k:02d}.safetensors"),
-                  {"target": step.sparsity, "sparsity": reached, "step": k})
-        progress.log(f"step {k}/{len(steps)}: target {step.sparsity:.3f}, reached {reached:.3f}")
+        self.mask = ctx.mask = new_mask
+        reached = sparsity_of(self.mask, ctx.structures)
+        self.mask.save(self.run_dir.file("masks", f"step_{k:02d}.safetensors"),
+                       {"target": step.sparsity, "sparsity": reached, "step": k})
+        self.progress.log(f"step {k}/{len(self.steps)}: target {step.sparsity:.3f}, reached {reached:.3f}")
         # milestones of this step: the planned one, and those crossed on the measured sparsity
         # (Step.milestones_crossed); each is saved and recorded, the model evaluated once
-        points = step.milestones_crossed(previous, reached)
-        previous = reached
+        points = step.milestones_crossed(self.previous, reached)
+        self.previous = reached
         if step.milestone and f"{step.sparsity:.2f}" not in {f"{m:.2f}" for m, _ in points}:
             points.append((step.sparsity, step.regenerate_fraction))
+        self.milestones(k, points, reached)
+        self.regenerate(k, points)
+        self.checkpoint(k)
+
+    def milestones(self, k: int, points: list, reached: float) -> None:
+        """Step ``k``'s milestones ``points``: each mask (and compacted model) saved and a metrics
+        row recorded, the model evaluated once."""
+        resolved, ctx, mask = self.resolved, self.ctx, self.mask
         metrics = None
         for target, _ in points:
-            mask.save(run_dir.file("masks", f"milestone_{target:.2f}.safetensors"),
+            mask.save(self.run_dir.file("masks", f"milestone_{target:.2f}.safetensors"),
                       {"target": target, "sparsity": reached, "step": k})
-            if recipe.output.save_milestone_models:
+            if self.recipe.output.save_milestone_models:
                 # compacted on the host straight to disk: no second model, nothing on the device
-                save_compacted(model, mask, run_dir.file("models", f"milestone_{target:.2f}"), tokenizer)
+                save_compacted(self.model, mask, self.run_dir.file("models", f"milestone_{target:.2f}"), self.tokenizer)
             if metrics is None:
-                metrics = (evaluate_point(resolved, ctx, run_dir, f"milestone_{target:.2f}")
+                metrics = (evaluate_point(resolved, ctx, self.run_dir, f"milestone_{target:.2f}")
                            if resolved.evaluators else {})
-            record_row({"step": k, **{key: round(v, 4) for key, v in sparsity_report(mask, ctx.structures).items()},
-                        "target": target, "parameters": kept_parameter_count(ctx.adapter, mask, costs),
-                        "milestone": True, **trace_stats, **metrics})
+            report = {key: round(v, 4) for key, v in sparsity_report(mask, ctx.structures).items()}
+            self.record_row({"step": k, **report, "target": target,
+                             "parameters": kept_parameter_count(ctx.adapter, mask, ctx.structures.costs),
+                             "milestone": True, **self.trace_stats, **metrics})
+
+    def regenerate(self, k: int, points: list) -> None:
+        """The calibration regenerations step ``k``'s milestones ask for (none after the last step)."""
+        resolved = self.resolved
         for target, rho in points:
-            if rho > 0 and k < len(steps) and resolved.calibration.regenerable:
-                samples = resolved.calibration.regenerate(ctx, samples, rho)
+            if rho > 0 and k < len(self.steps) and resolved.calibration.regenerable:
+                self.samples = resolved.calibration.regenerate(self.ctx, self.samples, rho)
                 kill_point("generate")
-                generation += 1
-                write_jsonl(run_dir.file("calibration", f"generation_{generation:02d}.jsonl"),
-                            _calibration_rows(samples))
-                trace_stats = _trace_stats(samples)
-        save_checkpoint(run_dir, k, len(steps), mask, model if edits_weights else None, generation,
-                        result.rows, trace_stats, resolved.calibration)
-    result.final_mask = mask
+                self.generation += 1
+                self.save_generation()
 
-    info = record.info
-    missed = sorted(m for m in (steps[-1].measured_milestones if steps else {}) if m > previous)
-    if missed:  # milestones judged on the measured sparsity that the last step did not reach
-        info["milestones_not_reached"] = missed
-        progress.log(f"warning: milestones {missed} were not reached (the last step measured {previous:.4f}); "
-                     f"raise schedule.params.target")
-    if recipe.output.save_model and "compacted" in recipe.output.formats:
-        compact_model, record_json = compacted_copy(model, mask)  # shares every uncut tensor with model
-        result.compaction_max_abs_diff = compaction_check(model, compact_model, samples, tokenizer.pad_token_id)
-        save_pruned(compact_model, record_json, run_dir.file("model"), tokenizer)
-        info["compacted_parameters"] = sum(p.numel() for p in {id(p): p for p in compact_model.parameters()}.values())
-        info["compaction_max_abs_logit_diff"] = result.compaction_max_abs_diff
-        del compact_model
-    if recipe.output.save_model and set(recipe.output.formats) - {"compacted"}:
-        from .export import export_at_end
-
-        info["exports"] = export_at_end(recipe.output.formats, model, mask, run_dir.path, tokenizer, progress.log)
-    record.stop()
-    record.write(status="finished", final_sparsity=sparsity_of(mask, ctx.structures))
-    shutil.rmtree(run_dir.file(CHECKPOINT_DIR), ignore_errors=True)
-    return result
-
-
-# --------------------------------------------------------------------------------------------------
-# Checkpoints (resume/step_XX.*): written after every step, the JSON last
-# --------------------------------------------------------------------------------------------------
-
-CHECKPOINT_FORMAT = 1
-
-
-def _generation_file(generation: int) -> str:
-    return f"calibration/generation_{generation:02d}.jsonl"
-
-
-def save_checkpoint(run_dir: RunDir, step: int, n_steps: int, mask: MaskSet, weights_of, generation: int,
-                    rows: list[dict], trace_stats: dict, source) -> None:
-    """Everything step ``step + 1`` depends on; ``weights_of``: the model when the scorer edits
-    weights (else None: the weights are the dense ones with ``mask`` applied)."""
-    from safetensors.torch import save_model
-
-    folder = run_dir.file(CHECKPOINT_DIR)
-    name = f"step_{step:02d}"
-    mask.save(folder / f"{name}.mask.safetensors", {"step": step})
-    weights = None
-    if weights_of is not None:
-        weights = f"{name}.weights.safetensors"
-        with atomic_file(folder / weights) as tmp:
-            save_model(weights_of, str(tmp))
-    calib = _generation_file(generation)
-    state_dict = getattr(source, "state_dict", None)
-    write_json(folder / f"{name}.json", {
-        "format": CHECKPOINT_FORMAT, "step": step, "steps": n_steps, "generation": generation,
-        "calibration_file": calib, "calibration_sha256": sha256_file(run_dir.file(calib)),
-        "mask_file": f"{name}.mask.safetensors", "weights_file": weights,
-        "rows": rows, "trace_stats": trace_stats,
-        "source_state": state_dict() if callable(state_dict) else None,
-        "rng": rng_state(),
-    })
-    for old in folder.iterdir():  # the older checkpoints are superseded
-        if old.name.startswith("step_") and not old.name.startswith(name + "."):
-            old.unlink(missing_ok=True)
-
-
-def latest_checkpoint(run_dir: RunDir) -> dict | None:
-    """The newest complete checkpoint (its JSON parses and its files are there), or None."""
-    folder = run_dir.file(CHECKPOINT_DIR)
-    if not folder.is_dir():
-        return None
-    for f in sorted(folder.glob("step_*.json"), reverse=True):
-        try:
-            state = json.loads(f.read_text())
-        except (OSError, ValueError):
-            continue
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            continue
-        calib = run_dir.file(state["calibration_file"])
-        if not calib.is_file() or sha256_file(calib) != state["calibration_sha256"]:
-            continue
-        if not (folder / state["mask_file"]).is_file():
-            continue
-        if state.get("weights_file") and not (folder / state["weights_file"]).is_file():
-            continue
-        return state
-    return None
-
-
-def restore_checkpoint(run_dir: RunDir, state: dict, ctx: RunContext, source) -> tuple[list[CalibrationSample], MaskSet]:
-    """Put the model, mask and calibration source where they were after ``state['step']``."""
-    folder = run_dir.file(CHECKPOINT_DIR)
-    lines = run_dir.file(state["calibration_file"]).read_text().splitlines()
-    samples = [CalibrationSample.from_json(json.loads(line)) for line in lines if line.strip()]
-    if state.get("weights_file"):
-        _load_weights(ctx.model, folder / state["weights_file"])
-    mask = MaskSet.load(folder / state["mask_file"], ctx.adapter.geometry)
-    apply_mask(ctx.adapter, mask)
-    ctx.mask = mask
-    load_state = getattr(source, "load_state_dict", None)
-    if state.get("source_state") is not None and callable(load_state):
-        load_state(state["source_state"])
-    return samples, mask
-
-
-def _load_weights(model, path: Path) -> None:
-    """Load a full weight checkpoint, first creating the biases a scorer added (FLAP)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_model
-
-    with safe_open(str(path), framework="pt") as fh:
-        keys = list(fh.keys())
-    have = model.state_dict()
-    for key in keys:
-        if key not in have and key.endswith(".bias"):
-            DecoderAdapter.ensure_bias(model.get_submodule(key[: -len(".bias")]))
-    load_model(model, str(path), strict=True, device=str(next(model.parameters()).device))
+    def finish(self) -> RunResult:
+        """Milestones not reached, the compacted model and the other export formats, ``status:
+        finished``; the checkpoints are removed."""
+        recipe, result, mask, model, previous = self.recipe, self.result, self.mask, self.model, self.previous
+        result.final_mask = mask
+        info = self.record.info
+        missed = sorted(m for m in (self.steps[-1].measured_milestones if self.steps else {}) if m > previous)
+        if missed:  # milestones judged on the measured sparsity that the last step did not reach
+            info["milestones_not_reached"] = missed
+            self.progress.log(f"warning: milestones {missed} were not reached (the last step measured "
+                              f"{previous:.4f}); raise schedule.params.target")
+        if recipe.output.save_model and "compacted" in recipe.output.formats:
+            compact_model, record_json = compacted_copy(model, mask)  # shares every uncut tensor with model
+            result.compaction_max_abs_diff = compaction_check(model, compact_model, self.samples,
+                                                              self.tokenizer.pad_token_id)
+            save_pruned(compact_model, record_json, self.run_dir.file("model"), self.tokenizer)
+            unique = {id(p): p for p in compact_model.parameters()}
+            info["compacted_parameters"] = sum(p.numel() for p in unique.values())
+            info["compaction_max_abs_logit_diff"] = result.compaction_max_abs_diff
+            del compact_model
+        if recipe.output.save_model and set(recipe.output.formats) - {"compacted"}:
+            info["exports"] = export_at_end(recipe.output.formats, model, mask, self.run_dir.path, self.tokenizer,
+                                            self.progress.log)
+        self.record.stop()
+        self.record.write(status="finished", final_sparsity=sparsity_of(mask, self.ctx.structures))
+        shutil.rmtree(self.run_dir.file(CHECKPOINT_DIR), ignore_errors=True)
+        return result
 
 
 @torch.no_grad()
