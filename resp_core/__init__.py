@@ -12,8 +12,8 @@ __all__ = ["hookimpl", "hookspec", "load_pruned", "__version__"]
 
 
 def load_pruned(path, dtype=None, device=None):
-    """Load a pruned model saved by RESP (see :func:`resp_core.model.compaction.load_pruned`)."""
-    from .model.compaction import load_pruned as _load
+    """Load a pruned model saved by RESP (see :func:`resp_core.model.pruned_model.load_pruned`)."""
+    from .model.pruned_model import load_pruned as _load
 
     return _load(path, dtype=dtype, device=device)
 
@@ -24,10 +24,10 @@ def load_pruned(path, dtype=None, device=None):
 # transformers is imported: now if it already is, else right after its own import finishes.
 
 def _register_with_transformers() -> None:
-    if "resp_core.model.compaction" in _sys.modules:
+    if "resp_core.model.pruned_model" in _sys.modules:
         return  # it is being imported (and imports transformers): it registers at its end
     try:
-        from .model.compaction import register_auto_classes
+        from .model.pruned_model import register_auto_classes
 
         register_auto_classes()
     except Exception as exc:  # noqa: BLE001 - never break transformers' import

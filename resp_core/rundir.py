@@ -59,6 +59,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from .errors import RespError, RunFailed
+from .safetensors_io import safetensors_bytes
 
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 600.0
@@ -242,33 +243,9 @@ def atomic_dir(path: Path):
 # Deterministic safetensors
 # --------------------------------------------------------------------------------------------------
 
-_ST_DTYPES = {"bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "int32": "I32", "int64": "I64",
-              "float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64"}
-
-
-def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
-    """The safetensors serialization of ``tensors`` with a canonical header: tensors in name
-    order, metadata keys sorted, compact JSON, padded to 8 bytes.  The same tensors and metadata
-    always give the same bytes (the safetensors library orders metadata by a hash map)."""
-    import torch
-
-    header: dict = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(metadata[k]) for k in sorted(metadata)}
-    chunks, offset = [], 0
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        dtype = _ST_DTYPES[str(t.dtype).removeprefix("torch.")]
-        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
-        chunks.append(raw)
-        offset += len(raw)
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    return len(head).to_bytes(8, "little") + head + b"".join(chunks)
-
-
 def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """``tensors`` as a canonical safetensors file (:func:`~resp_core.safetensors_io.safetensors_bytes`),
+    written atomically."""
     atomic_write_bytes(path, safetensors_bytes(tensors, metadata))
 
 

@@ -15,7 +15,8 @@ from resp_core.interfaces import Completion, Generator, Progress, RunContext
 from resp_core.model.adapter import Geometry, adapter_for
 from resp_core.model.masks import MaskSet
 from resp_core.model.structures import StructureSpec, build_structures
-from resp_core.rundir import (RunDir, atomic_dir, atomic_file, atomic_write_text, safetensors_bytes, write_json)
+from resp_core.rundir import (RunDir, atomic_dir, atomic_file, atomic_write_text, write_json)
+from resp_core.safetensors_io import safetensors_bytes
 from resp_plugins.calibration.self_generated import SelfGenerated
 from resp_plugins.tasks import testbed_arith
 

@@ -24,14 +24,10 @@ from resp_core.cli import app
 from resp_core.errors import RespError
 from resp_core.export import check_uniform, write_format
 from resp_core.model.adapter import DecoderAdapter, adapter_for
-from resp_core.model.compaction import (
-    PRUNING_FILE,
-    compacted_copy,
-    compacted_state,
-    load_pruned,
-    save_compacted,
-)
+from resp_core.model.compaction import compacted_copy, compacted_state
 from resp_core.model.masks import MaskSet, apply_mask
+from resp_core.model.pruned_model import PRUNING_FILE, load_pruned
+from resp_core.model.saving import save_compacted
 from test_masks_compaction import MODELS, _inputs, _logits, _mask
 
 TOL = 1e-5
@@ -257,7 +253,8 @@ def test_compact_in_place_then_save(model_name, tmp_path):
     """``compact`` removes units from the model itself (no copy); saved, it reloads through the Auto class."""
     from transformers import AutoModelForCausalLM
 
-    from resp_core.model.compaction import compact, save_pruned
+    from resp_core.model.compaction import compact
+    from resp_core.model.saving import save_pruned
 
     dense = MODELS[model_name]()
     mask = _mask(adapter_for(dense).geometry, "mixed")

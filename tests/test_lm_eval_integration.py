@@ -639,7 +639,8 @@ def test_lm_eval_cli_with_model_resp_on_a_saved_pruned_model(testbed_tokenizer, 
     from lm_eval.api.instance import Instance
 
     from resp_core.model.adapter import adapter_for
-    from resp_core.model.compaction import compacted_copy, save_pruned
+    from resp_core.model.compaction import compacted_copy
+    from resp_core.model.saving import save_pruned
     from resp_core.model.masks import MaskSet, apply_mask
 
     tok = testbed_tokenizer

@@ -18,15 +18,11 @@ import torch
 from conftest import tiny_qwen3
 from resp_core.errors import RespError
 from resp_core.model.adapter import DecoderAdapter, Geometry, adapter_for
-from resp_core.model.compaction import (
-    PRUNING_FILE,
-    EmptyAttention,
-    EmptyMLP,
-    compacted_copy,
-    load_pruned,
-    save_pruned,
-)
+from resp_core.model.compaction import compacted_copy
 from resp_core.model.masks import MaskSet, apply_mask, kept_parameter_count, sparsity_of
+from resp_core.model.pruned_layers import EmptyAttention, EmptyMLP
+from resp_core.model.pruned_model import PRUNING_FILE, load_pruned
+from resp_core.model.saving import save_pruned
 from resp_core.model.structures import StructureSpec, build_structures, unit_costs
 
 TOL = 1e-5

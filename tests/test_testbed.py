@@ -97,7 +97,8 @@ def test_masked_compacted_reloaded_testbed_agree(testbed_available, tmp_path):
     from resp_core import load_pruned
     from resp_core.loading import load_model_and_tokenizer
     from resp_core.model.adapter import adapter_for
-    from resp_core.model.compaction import compacted_copy, save_pruned
+    from resp_core.model.compaction import compacted_copy
+    from resp_core.model.saving import save_pruned
     from resp_core.model.masks import MaskSet, apply_mask
     from resp_core.recipe import ModelSection
 

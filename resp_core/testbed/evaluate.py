@@ -12,7 +12,7 @@ def load_any(model: str, dtype: str = "float32", device: str | None = None):
     from transformers import AutoTokenizer
 
     from ..loading import load_model_and_tokenizer, model_dir
-    from ..model.compaction import is_pruned_dir, load_pruned
+    from ..model.pruned_model import is_pruned_dir, load_pruned
     from ..recipe import ModelSection
 
     if model != "testbed" and is_pruned_dir(Path(model)):
