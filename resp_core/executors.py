@@ -1,100 +1,58 @@
-"""Where a comparison's pruning paths run: here, one after the other (``serial``), or as Ray
-tasks on a cluster (``ray``).
+"""Where a batch of independent jobs runs: here, one after the other (``serial``), or as Ray tasks
+on a cluster (``ray``).  An executor is handed the jobs and the function that runs one of them;
+it knows nothing of what the jobs are (a comparison's pruning paths, see :mod:`resp_core.compare`).
 
-A *pruning path* is one run folder of a comparison: a method (its scorer, calibration source,
-allocator and schedule) pruned to every sparsity in one progressive run, or — for a one-shot
-method — to one target.  Each path is independent of the others (same model, prompts,
-structures and seeds; its own run folder), so the Ray executor submits one task per path that
-requests the resources its recipe needs (``num_gpus`` = 1 on a CUDA device, times the vLLM
-generator's ``tensor_parallel_size``; ``num_cpus`` = 1), and every task writes its finished run
-into the same comparison folder the serial executor writes to.  The comparison folder must
-therefore be on a file system every Ray worker sees (one machine, or a shared mount).  A sweep
-stopped half way is continued by running ``respctl compare`` again on the same folder, with
-either executor: finished runs are kept; unfinished ones start over on Ray, and continue from
-their last checkpoint with the serial executor.
-
-A path is a pure function of the comparison recipe and its label (seeds included), so the
-serial and the Ray executor give identical results (tests/test_executors.py).
+The serial executor runs each job in this process (``in_process``), so its function may use this
+process's objects (a progress display, parsed recipes); it takes the jobs one at a time, each
+right before it runs.  The Ray executor submits one task per job, each asking for the job's
+``resources``: its function must be a module-level function and a job's ``args`` what Ray can
+ship to a worker; every task then writes where the serial run would, which must therefore be on
+a file system every Ray worker sees (one machine, or a shared mount).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
 
 from .errors import RespError
 
 
 @dataclass(frozen=True)
-class PathJob:
-    """One pruning path: the method's label, its one-shot target (None: progressive) and its run
-    folder relative to the comparison folder."""
+class Job:
+    """One job: ``run_one(*args)`` runs it.  ``key`` names its Ray task (``resp:<key>``), ``name``
+    prefixes the error it raises, ``title`` names it in messages (Rich markup), ``resources`` is
+    what its Ray task asks for (``num_gpus``, ``num_cpus``)."""
 
-    label: str
-    target: float | None
-    sub: str
-
-
-def run_path(compare_json: dict, protocol: dict, folder: str, job: dict) -> dict:
-    """Run one pruning path into ``folder/job['sub']`` (in this process: a Ray worker or here)."""
-    from .compare import CompareRecipe, method_recipe
-    from .interfaces import Progress
-    from .pipeline import run_recipe
-    from .recipe import resolve
-    from .registry import get_registry
-
-    cmp = CompareRecipe.model_validate(compare_json)
-    cmp._protocol = dict(protocol)
-    method = next(m for m in cmp.methods if m.label == job["label"])
-    reg = get_registry()
-    res = resolve(method_recipe(cmp, method, reg, job["target"], Path(folder)), reg)
-    result = run_recipe(res, Path(folder) / job["sub"], Progress())
-    return {"label": job["label"], "target": job["target"], "sub": job["sub"],
-            "run_dir": str(result.run_dir.path), "rows": len(result.rows)}
-
-
-def path_resources(cmp, label: str) -> dict:
-    """What one path's task asks Ray for: GPUs when the model runs on CUDA (times the vLLM
-    generator's tensor-parallel size), one CPU."""
-    gpus = 0
-    if cmp.model.device.startswith("cuda"):
-        gpus = 1
-        if cmp.generator.name == "vllm":
-            gpus = int(cmp.generator.params.get("tensor_parallel_size", 1))
-    return {"num_gpus": gpus, "num_cpus": 1}
+    key: str
+    name: str
+    title: str
+    args: tuple
+    resources: dict = field(default_factory=lambda: {"num_gpus": 0, "num_cpus": 1})
 
 
 class SerialExecutor:
+    """Each job here, in order.  ``jobs`` is consumed one at a time, so a job prepared as it is
+    taken (messages, folders) is prepared right before it runs."""
+
     name = "serial"
+    in_process = True  # jobs run in this process: run_one may use its objects
 
-    def run(self, cmp, folder: Path, jobs: list[PathJob], say: Callable[[str], None] = lambda m: None,
-            progress=None) -> list[dict]:
-        from .compare import method_recipe
-        from .pipeline import run_recipe
-        from .recipe import resolve
-        from .registry import get_registry
-
-        reg = get_registry()
-        out = []
-        for job in jobs:
-            method = next(m for m in cmp.methods if m.label == job.label)
-            res = resolve(method_recipe(cmp, method, reg, job.target, folder), reg)
-            result = run_recipe(res, folder / job.sub, progress)
-            out.append({"label": job.label, "target": job.target, "sub": job.sub,
-                        "run_dir": str(result.run_dir.path), "rows": len(result.rows)})
-        return out
+    def run(self, jobs: Iterable[Job], run_one: Callable[..., Any],
+            say: Callable[[str], None] = lambda m: None) -> list:
+        return [run_one(*job.args) for job in jobs]
 
 
 class RayExecutor:
-    """Each path a Ray task (``ray.remote`` with the path's ``num_gpus`` / ``num_cpus``).
+    """Each job a Ray task (``ray.remote`` with the job's ``num_gpus`` / ``num_cpus``); every job is
+    taken before the first is submitted, and Ray starts only when there is one.
 
     ``address``: ``None`` starts a local Ray instance (or joins the one already initialized in
     this process), ``"auto"`` joins the running cluster, or a ``ray://`` / ``host:port`` address.
     ``init_kwargs`` go to ``ray.init`` (e.g. ``num_cpus`` for a local instance)."""
 
     name = "ray"
+    in_process = False  # run_one is shipped to Ray workers
 
     def __init__(self, address: str | None = None, init_kwargs: dict[str, Any] | None = None):
         self.address = address
@@ -122,22 +80,20 @@ class RayExecutor:
                                 f"{str(exc).splitlines()[0]}") from None
         return ray
 
-    def run(self, cmp, folder: Path, jobs: list[PathJob], say: Callable[[str], None] = lambda m: None,
-            progress=None) -> list[dict]:
+    def run(self, jobs: Iterable[Job], run_one: Callable[..., Any],
+            say: Callable[[str], None] = lambda m: None) -> list:
+        jobs = list(jobs)
+        if not jobs:
+            return []
         self.check_available()
         ray = self._init()
-        remote = ray.remote(run_path)
-        compare_json = json.loads(json.dumps(cmp.model_dump(mode="json", exclude_none=True)))
-        protocol = cmp.protocol() if hasattr(cmp, "protocol") else {}
+        remote = ray.remote(run_one)
         refs = {}
         for job in jobs:
-            res = path_resources(cmp, job.label)
-            ref = remote.options(**res, name=f"resp:{job.sub}").remote(
-                compare_json, protocol, str(folder.resolve()), {"label": job.label, "target": job.target,
-                                                                "sub": job.sub})
+            res = job.resources
+            ref = remote.options(**res, name=f"resp:{job.key}").remote(*job.args)
             refs[ref] = job
-            say(f"[bold]{job.label}[/]{'' if job.target is None else f' ({job.target:.0%})'}: Ray task "
-                f"({res['num_gpus']} GPU, {res['num_cpus']} CPU)")
+            say(f"{job.title}: Ray task ({res['num_gpus']} GPU, {res['num_cpus']} CPU)")
         done, failures = [], []
         pending = list(refs)
         while pending:
@@ -145,15 +101,15 @@ class RayExecutor:
             job = refs[ready[0]]
             try:
                 done.append(ray.get(ready[0]))
-                say(f"[bold]{job.label}[/]{'' if job.target is None else f' ({job.target:.0%})'}: finished")
+                say(f"{job.title}: finished")
             except Exception as exc:  # a task's failure: the others finish, then the first one is reported
                 cause = getattr(exc, "cause", None) or exc
                 failures.append((job, cause))
         if failures:
             job, cause = failures[0]
             if isinstance(cause, RespError):
-                raise type(cause)(f"{job.label}: {cause}")
-            raise RuntimeError(f"{job.label}: {type(cause).__name__}: {cause}") from cause
+                raise type(cause)(f"{job.name}: {cause}")
+            raise RuntimeError(f"{job.name}: {type(cause).__name__}: {cause}") from cause
         return done
 
 

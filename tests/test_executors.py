@@ -10,9 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from resp_core.cli import app
-from resp_core.compare import CompareRecipe
+from resp_core.compare import CompareRecipe, path_resources
 from resp_core.errors import RespError
-from resp_core.executors import make_executor, path_resources
+from resp_core.executors import make_executor
 
 from test_compare import compare_recipe, write
 

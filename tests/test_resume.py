@@ -372,7 +372,8 @@ def test_compare_killed_mid_sweep_recomputes_only_unfinished_cells(tmp_path, tin
 
 
 def test_compare_starts_a_run_again_when_it_cannot_be_continued(tmp_path, monkeypatch):
-    from resp_core import compare, pipeline
+    from resp_core import pipeline
+    from resp_core.compare import cells as compare
     from resp_core.errors import RespError, RunInterrupted
 
     run = tmp_path / "runs" / "m"

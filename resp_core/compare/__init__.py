@@ -1,0 +1,38 @@
+"""Side-by-side comparisons: methods × sparsities × seeds on one model, task, structures and prompts.
+
+A comparison recipe names the shared parts once (model, task, structures, generator, default
+calibration, evaluators, sparsities, seeds) and lists methods (scorer, and optionally their own
+calibration source, allocator and schedule overrides).  Each method is one ordinary RESP run
+whose progressive schedule has a milestone at every sparsity, so 20/30/40% cost one pruning
+path, not three (masks are nested).  A method with ``schedule: {name: oneshot}`` is instead one
+run per sparsity, each pruned in one shot from the dense model (the authors' Wanda-sp protocol:
+uncc-efficient-ai/RESP ``configs/section5/main/wanda_gsm8k_{20,30,40}.yaml``, one
+``baseline_uniform_wanda`` run per target).  Evaluators that accept ``seeds`` sample once per seed.
+
+Folder layout::
+
+    <dir>/compare.yaml          the validated comparison recipe
+    <dir>/dense/metrics.json    the dense model, evaluated once
+    <dir>/runs/<slug>/          one run folder per method (models/ keeps each milestone's model)
+    <dir>/runs/<slug>/<s>/      one run folder per sparsity s (0.20, ...) for a one-shot method
+    <dir>/results.json|csv      one row per method × sparsity: mean, 95% CI, per-seed values
+    <dir>/report.md, accuracy.png
+
+Re-running ``respctl compare`` on an existing folder extends it: finished methods are kept,
+new methods are run, and new seeds are evaluated on the saved milestone models.  Changing what
+must be shared (model, task, structures, generator, seed, sparsities) is refused.
+
+Here: the recipe and its checks (:mod:`.schema`), running the cells (:mod:`.cells`), the
+results (:mod:`.results`).
+"""
+
+from .cells import path_resources, run_compare, run_path
+from .results import SEED_KEY, collect_results, write_results
+from .schema import (SCHEDULES, SHARED_FIELDS, CompareMethod, CompareRecipe, InitFromMethod, check_extension,
+                     dense_recipe, init_from_path, is_oneshot, method_recipe, method_runs, parse_compare,
+                     resolve_compare, saved_compare, slug)
+
+__all__ = ["SCHEDULES", "SEED_KEY", "SHARED_FIELDS", "CompareMethod", "CompareRecipe", "InitFromMethod",
+           "check_extension", "collect_results", "dense_recipe", "init_from_path", "is_oneshot", "method_recipe",
+           "method_runs", "parse_compare", "path_resources", "resolve_compare", "run_compare", "run_path",
+           "saved_compare", "slug", "write_results"]
