@@ -27,7 +27,9 @@ import typer
 from rich.table import Table
 
 from .errors import RespError
+from .option_bounds import Bound, bounded
 from .progress import make_console
+from .validation import MAX_SEED
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="RESP: structured pruning for reasoning language models.")
@@ -130,7 +132,7 @@ def main_metrics(rows: list[dict], chosen: list[str] | None = None) -> list[str]
 
 def results_table(rows: list[dict], title: str, metrics: list[str] | None = None) -> Table:
     """Sparsity, parameter count and one main metric per task for each evaluated point."""
-    from .stats import finite
+    from .report import format_run_metric
 
     metric_keys = main_metrics(rows, metrics)
     table = Table(title=title)
@@ -143,13 +145,7 @@ def results_table(rows: list[dict], title: str, metrics: list[str] | None = None
     for r in rows:
         cells = [str(r.get("step", "")), f"{r['sparsity']:.1%}", f"{r['parameters'] / 1e6:.3f}M"]
         for k in metric_keys:
-            v, ci = r.get(k), r.get(f"{k}_ci95")
-            if not finite(v):
-                cells.append("" if v is None else "n/a")
-            elif 0.0 <= v <= 1.0 and not k.endswith(("perplexity", "tokens", "loss")):
-                cells.append(f"{v:.1%}" + (f" ± {ci:.1%}" if finite(ci) else ""))
-            else:
-                cells.append(f"{v:.4g}" + (f" ± {ci:.2g}" if finite(ci) else ""))
+            cells.append(format_run_metric(k, r.get(k), r.get(f"{k}_ci95")))
         c = r.get("calibration_correct_fraction")
         cells.append("" if c is None else f"{c:.1%}")
         table.add_row(*cells)
@@ -189,7 +185,10 @@ def run(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (default
     console = err_console if as_json else globals()["console"]
 
     def on_row(row):
-        shown = ", ".join(f"{k} {row[k]:.1%}" for k in main_metrics([row]) if isinstance(row.get(k), float))
+        from .report import format_run_metric
+
+        shown = ", ".join(f"{k} {format_run_metric(k, row[k])}" for k in main_metrics([row])
+                          if isinstance(row.get(k), float))
         console.print(f"  sparsity {row['sparsity']:.1%}: {row['parameters'] / 1e6:.3f}M parameters {shown}",
                       highlight=False)
 
@@ -243,7 +242,7 @@ def compare(recipe: Path = typer.Argument(..., help="Comparison recipe YAML (met
     from .report import rich_table
 
     _check_ci(ci)
-    runner = None if executor == "serial" and address is None else make_executor(executor, address)
+    runner = make_executor(executor, address)
     console = err_console if as_json else globals()["console"]
 
     data, source = _recipe_document(recipe)
@@ -256,8 +255,6 @@ def compare(recipe: Path = typer.Argument(..., help="Comparison recipe YAML (met
             raise RespError(f"--seeds: {seeds!r} is not a comma-separated list of integers") from None
         if not cmp.seeds:
             raise RespError("--seeds: give at least one seed")
-        from .validation import MAX_SEED
-
         if any(not 0 <= s <= MAX_SEED for s in cmp.seeds):
             raise RespError(f"--seeds: every seed must be in [0, {MAX_SEED}]")
     resolve_compare(cmp, str(recipe))
@@ -410,6 +407,7 @@ def _parse_cycles(text: str) -> list[tuple[int, float]]:
 
 @testbed_app.command("train")
 @user_errors
+@bounded(seed=Bound(0, MAX_SEED))
 def testbed_train(out: Path = typer.Option(Path("testbed-model"), "--out", "-o", help="Output folder (must not exist)."),
                   cycles: str = typer.Option(SHIPPED_CYCLES, help="Cosine cycles STEPS@PEAK_LR, comma-separated."),
                   seed: int = typer.Option(0, help="Seed (cycle i uses seed + i)."),
@@ -424,6 +422,8 @@ def testbed_train(out: Path = typer.Option(Path("testbed-model"), "--out", "-o",
     from .testbed.train import TrainSettings, train
 
     plan = _parse_cycles(cycles)
+    if seed + len(plan) - 1 > MAX_SEED:
+        raise RespError(f"--seed: cycle {len(plan)} would use seed {seed + len(plan) - 1}, above {MAX_SEED}")
     if out.exists():
         raise RespError(f"{out} already exists (nothing was written)")
     if init_from is not None and not (init_from / "model.safetensors").is_file():
@@ -474,6 +474,7 @@ def testbed_generic_text(out: Path = typer.Argument(Path("runs/generic.txt"), he
 
 @testbed_app.command("evaluate")
 @user_errors
+@bounded(num=Bound(1, 1_000_000), temperature=Bound(0, 100), seed=Bound(0, MAX_SEED))
 def testbed_evaluate(model: str = typer.Option("testbed", help="'testbed' or a model folder (dense or pruned)."),
                      num: int = typer.Option(500, help="Held-out problems."),
                      temperature: float = typer.Option(0.6), seed: int = typer.Option(1234)):
@@ -488,6 +489,7 @@ def testbed_evaluate(model: str = typer.Option("testbed", help="'testbed' or a m
 
 @app.command()
 @user_errors
+@bounded(sparsity=Bound(0, 1, low_open=True, high_open=True), tp_timeout=Bound(0, 86_400, low_open=True))
 def bench(quick: bool = typer.Option(False, help="Smaller models and fewer repeats (a smoke run)."),
           model: Optional[str] = typer.Option(None, "--model", help="Time this model's dense vs compacted decode and "
                                               "prefill (a folder, hub id or GGUF file) instead of the random one."),
@@ -506,8 +508,6 @@ def bench(quick: bool = typer.Option(False, help="Smaller models and fewer repea
 
     from . import bench as B
 
-    if not 0.0 < sparsity < 1.0:
-        raise RespError(f"--sparsity: {sparsity} is outside (0, 1)")
     if device != "cpu" and (not device.startswith("cuda") or not torch.cuda.is_available()):
         raise RespError(f"--device: {device!r} is not available here (this torch has no CUDA device); use cpu")
     console.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
@@ -605,6 +605,7 @@ def _speedup_rows(table, sp: dict, label: str, cfg=None) -> None:
 
 @app.command()
 @user_errors
+@bounded(prompt_tokens=Bound(1, 1 << 20), mfu=Bound(0, 1, low_open=True))
 def plan(recipe: Path = typer.Argument(..., help="Recipe YAML."),
          gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="GPU memory, e.g. 80GiB (default: the "
                                                   "--gpu's)."),
@@ -699,6 +700,7 @@ def plan(recipe: Path = typer.Argument(..., help="Recipe YAML."),
 
 @app.command("export")
 @user_errors
+@bounded(milestone=Bound(0, 1, low_open=True, high_open=True))
 def export_model(run_dir: Path = typer.Argument(..., help="A run folder (finished or not: any saved mask works)."),
                  fmt: str = typer.Option("compacted", "--format", "-f",
                                          help="masked (dense shape, loads anywhere) | compacted (per-layer widths, "
@@ -765,7 +767,39 @@ def main():
         from .progress import quiet_third_party_bars
 
         quiet_third_party_bars()  # datasets' and the hub's bars
-    app()
+    sys.exit(run_app(app))
+
+
+def _click_exceptions(name: str) -> tuple[type, ...]:
+    """Click's exception class ``name`` from every Click in use: recent Typer carries its own
+    copy (``typer._click``), older Typer uses ``click`` itself."""
+    import importlib
+
+    found = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+def run_app(command, args: list[str] | None = None) -> int:
+    """Run the Typer app and return its exit code; a command-line mistake Click finds itself (an
+    option that is not a number, an unknown option, a missing argument) is one line on stderr,
+    exit code 2, like every other bad input."""
+    try:
+        code = command(args=args, standalone_mode=False)
+    except _click_exceptions("NoArgsIsHelpError") as exc:  # `respctl` alone: the help, as before
+        console.print(exc.ctx.get_help(), highlight=False, markup=False)
+        return 2
+    except _click_exceptions("ClickException") as exc:
+        hint = f" (see `{exc.ctx.command_path} --help`)" if getattr(exc, "ctx", None) is not None else ""
+        err_console.print(f"[bold red]error:[/] {exc.format_message()}{hint}", highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except _click_exceptions("Abort"):
+        return 130
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -99,6 +99,27 @@ def check_gguf_file(path: Path, field: str = "model.path") -> None:
     if missing:
         raise RespError(f"{field}: reading a GGUF file needs the {' and '.join(repr(m) for m in missing)} "
                         f"package{'s' if len(missing) > 1 else ''}: pip install 'resp-pruning[gguf]'")
+    check_gguf_layout(path, field)
+
+
+def check_gguf_layout(path: Path, field: str = "model.path") -> None:
+    """The whole GGUF header parses (metadata and tensor table, read by the ``gguf`` package's own
+    reader, which maps the file without loading it) and every tensor's bytes lie inside the file:
+    a file cut short or corrupted is one line here instead of a failure in the middle of loading."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as exc:  # the reader fails with numpy's errors wherever the bytes run out
+        raise RespError(f"{field}: {path} cannot be read as GGUF (cut short or corrupt; {_first_line(exc)})") from None
+    size = path.stat().st_size
+    for tensor in reader.tensors:
+        end = int(tensor.data_offset) + int(tensor.n_bytes)
+        if end > size:
+            raise RespError(f"{field}: {path} is truncated: tensor {tensor.name!r} ends at byte {end:,}, "
+                            f"the file has {size:,}")
+    if not reader.tensors:
+        raise RespError(f"{field}: {path} holds no tensors")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -107,14 +128,22 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _preflight(section: ModelSection, source: ModelSource) -> None:
-    """The folder checks ``respctl validate`` runs (config, tokenizer files, safetensors headers)."""
-    if source.gguf_file or not Path(source.location).is_dir():
+    """The checks ``respctl validate`` runs (config, tokenizer files, safetensors headers of a
+    folder; a hub id in the cache or on the hub), and, where the hub cannot be reached, the hub
+    libraries switched to the local cache so that nothing waits on retries."""
+    from .preflight import check_model
+
+    if Path(source.location).is_dir():
+        if not source.gguf_file:
+            check_model(section.model_copy(update={"path": source.location}) if section.path != TESTBED_MODEL
+                        else section)
         return
-    try:
-        from .preflight import check_model
-    except ImportError:  # pragma: no cover - older trees
-        return
-    check_model(section.model_copy(update={"path": source.location}) if section.path != TESTBED_MODEL else section)
+    if not source.gguf_file:
+        check_model(section)  # a hub id: cached, or offline in one line, or looked up once
+    from .hub import offline_reason, use_cache_only
+
+    if offline_reason():
+        use_cache_only()
 
 
 def load_model_and_tokenizer(section: ModelSection, device: str | None = None):
@@ -137,6 +166,7 @@ def load_model_and_tokenizer(section: ModelSection, device: str | None = None):
     except Exception as exc:  # transformers, safetensors, gguf and tokenizers each raise their own types
         raise RespError(f"model.path: cannot load {source.label!r}: {_first_line(exc)}") from None
     check_supported(getattr(model.config, "model_type", None), f"model.path: {source.label}")
+    check_finite_weights(model, f"model.path: {source.label}")
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -145,12 +175,24 @@ def load_model_and_tokenizer(section: ModelSection, device: str | None = None):
     return model, tokenizer
 
 
+def check_finite_weights(model, where: str) -> None:
+    """Every floating-point parameter and buffer is finite; else one line naming the first tensor
+    that is not (found at load, before generation samples from NaN probabilities)."""
+    import torch
+
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise RespError(f"{where}: tensor {name!r} holds {bad:,} NaN or infinite value{'s' if bad > 1 else ''}; "
+                            "the weights are corrupt")
+
+
 def convert(section: ModelSection, out: Path) -> dict:
     """Write the model ``section`` names (a GGUF file, a hub id, a folder) as a normal safetensors
     Hugging Face folder at ``out`` (which must not exist).  Returns what was written."""
     import time
 
-    from .model.compaction import config_json, write_model_folder
+    from .model.saving import config_json, write_model_folder
 
     out = Path(out)
     if out.exists():

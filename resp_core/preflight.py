@@ -3,28 +3,26 @@
 ``respctl validate`` and the start of ``respctl run`` read only small files: the model folder's
 ``config.json`` (architecture supported? layer count for the structure fields?), the names of
 its tokenizer files, and the JSON header of each ``*.safetensors`` file (is every tensor's byte
-range inside the file?).  A hub id is looked up in the local Hugging Face cache first; with
-``HF_HUB_OFFLINE`` set nothing else is tried, otherwise one metadata request answers whether the
-repository exists (no download, no retry loop).  Each problem is one :class:`RespError` line
+range inside the file?).  A hub id is looked up in the local Hugging Face cache first; offline
+(``HF_HUB_OFFLINE`` set, or the hub unreachable: :mod:`resp_core.hub`) nothing else is tried,
+otherwise one metadata request answers whether the repository exists (no download, no retry loop).  Each problem is one :class:`RespError` line
 naming the field.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import RespError
+from .safetensors_io import MAX_HEADER_BYTES, HeaderError, read_header, tensor_entries
 
 TESTBED_MODEL = "testbed"
 TESTBED_DIR = Path(__file__).parent / "testbed" / "assets"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
 MAX_CONFIG_BYTES = 10 << 20
-MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 REQUIRED_CONFIG = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
 
 
@@ -35,17 +33,6 @@ class ModelInfo:
     path: str
     folder: Path | None
     config: dict | None
-
-
-def _offline() -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return True
-    try:
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-    except ImportError:  # pragma: no cover
-        return True
 
 
 def check_device(device: str, field: str = "model.device") -> None:
@@ -113,29 +100,19 @@ def check_config(cfg: dict, where: str, field: str = "model.path") -> None:
 def check_safetensors(path: Path, field: str = "model.path") -> dict:
     """Read only the JSON header of a safetensors file and check it describes the file."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise RespError(f"{field}: {path} is not a safetensors file ({size} bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > min(size - 8, MAX_HEADER_BYTES):
-                raise RespError(f"{field}: {path} is not a readable safetensors file (header length {n:,} "
-                                f"for a {size:,}-byte file; truncated or corrupt)")
-            raw = fh.read(n)
+        header, n, size = read_header(path, MAX_HEADER_BYTES)
     except OSError as exc:
         raise RespError(f"{field}: cannot read {path} ({exc.strerror or exc})") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except HeaderError as exc:
+        if exc.kind == "short":
+            raise RespError(f"{field}: {path} is not a safetensors file ({exc.size} bytes)") from None
+        if exc.kind == "length":
+            raise RespError(f"{field}: {path} is not a readable safetensors file (header length {exc.length:,} "
+                            f"for a {exc.size:,}-byte file; truncated or corrupt)") from None
         raise RespError(f"{field}: {path} is not a readable safetensors file (corrupt header)") from None
-    if not isinstance(header, dict):
-        raise RespError(f"{field}: {path} is not a readable safetensors file (corrupt header)")
     data_len = size - 8 - n
     end = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
+    for name, info in tensor_entries(header):
         offsets = info.get("data_offsets") if isinstance(info, dict) else None
         if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(x, int) for x in offsets)
                 or not 0 <= offsets[0] <= offsets[1]):
@@ -204,9 +181,13 @@ def _check_hub(path: str, revision: str | None, field: str, portable: bool = Fal
         return ModelInfo(path, Path(cached).parent, cfg)
     if portable:  # a recipe written for another machine: the hub is not asked
         return ModelInfo(path, None, None)
-    if _offline():
-        raise RespError(f"{field}: {path!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
-                        f"download it first (`hf download {path}`) or give a local folder")
+    from .hub import offline_reason
+
+    offline = offline_reason()
+    if offline:
+        raise RespError(f"{field}: {path!r} is not in the local Hugging Face cache and this machine is offline "
+                        f"({offline}); give a local folder or GGUF file in {field}, or download it first "
+                        f"(`hf download {path}`)")
     from huggingface_hub import HfApi, errors
 
     quiet = logging.getLogger("huggingface_hub")
@@ -223,8 +204,8 @@ def _check_hub(path: str, revision: str | None, field: str, portable: bool = Fal
         raise RespError(f"model.revision: {revision!r} does not exist in {path!r}") from None
     except Exception as exc:  # network errors come from several libraries
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise RespError(f"{field}: cannot reach the Hugging Face hub to look up {path!r} ({first}); "
-                        "set HF_HUB_OFFLINE=1 to use only the local cache") from None
+        raise RespError(f"{field}: cannot reach the Hugging Face hub to look up {path!r} ({first}); give a "
+                        f"local folder or GGUF file in {field}") from None
     finally:
         quiet.setLevel(level)
     names = {s.rfilename for s in (info.siblings or [])}

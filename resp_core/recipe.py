@@ -427,7 +427,10 @@ def _resolve(recipe: Recipe, registry: Registry | None = None, portable: bool = 
         (ref.name, build("evaluator", ref, f"evaluation.evaluators[{i}]"))
         for i, ref in enumerate(recipe.evaluation.evaluators)
     ]
-    for obj, path in ((calibration, "calibration"), (scorer, "scorer"), (allocator, "allocator")):
+    checked = ((calibration, "calibration"), (scorer, "scorer"), (allocator, "allocator"))
+    if not portable:  # a generator checks what this machine has installed
+        checked = ((generator, "generator"), *checked)
+    for obj, path in checked:
         check = getattr(obj, "check_recipe", None)
         if check is not None:
             check(recipe, path)

@@ -53,6 +53,17 @@ def is_fraction(metric: str) -> bool:
     return not any(w in metric for w in RAW_METRIC_WORDS)
 
 
+def format_run_metric(metric: str, value, ci95=None) -> str:
+    """One metric of a run (the table at the end and the line printed at each milestone): a
+    fraction in %, a perplexity, token count or loss as it is; empty when absent, ``n/a`` when
+    not finite."""
+    if not finite(value):
+        return "" if value is None else "n/a"
+    if 0.0 <= value <= 1.0 and not metric.endswith(("perplexity", "tokens", "loss")):
+        return f"{value:.1%}" + (f" ± {ci95:.1%}" if finite(ci95) else "")
+    return f"{value:.4g}" + (f" ± {ci95:.2g}" if finite(ci95) else "")
+
+
 def _fmt(c: dict | None, ci: str = "seeds", metric: str = "") -> str:
     if c is None:
         return ""

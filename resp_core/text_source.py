@@ -59,6 +59,17 @@ def check_local_path(loc: TextLocation, where: str) -> Path:
     return path
 
 
+def check_reachable(loc: TextLocation, where: str) -> None:
+    """A hub dataset can be loaded: offline, it must be in the local cache (checked without
+    loading it; a local file is checked by reading it)."""
+    if loc.local_path:
+        return
+    from .hub import check_hub_dataset_offline
+
+    check_hub_dataset_offline(loc.hub_id, where, f"set {where}.params.local_path to a local copy",
+                              config=loc.hub_config, data_files=loc.data_files)
+
+
 def read_rows(loc: TextLocation, text_field: str, where: str, other_fields: dict[str, str] | None = None) -> list[dict]:
     """Every row as ``{text_field: str | None, other: value | None, ...}``, in file / dataset order.
 
@@ -128,19 +139,10 @@ def _with_field(obj, text_field: str, at: str, hint: str) -> dict:
 
 
 def _read_hub(loc: TextLocation, text_field: str, where: str, other_fields: dict[str, str]) -> list[dict]:
-    try:
-        import datasets
-    except ImportError:
-        raise RespError(f"{where}: loading {loc.hub_id!r} needs the 'datasets' package; install it or set "
-                        f"{where}.params.local_path") from None
-    try:
-        if loc.data_files:
-            ds = datasets.load_dataset(loc.hub_id, data_files={loc.split: loc.data_files}, split=loc.split)
-        else:
-            ds = datasets.load_dataset(loc.hub_id, loc.hub_config, split=loc.split)
-    except Exception as exc:  # network, auth, missing split or files ...
-        raise RespError(f"{where}: could not load {loc.origin()} from the hub: {type(exc).__name__}: "
-                        f"{first_line(exc)} (set {where}.params.local_path to a local copy)") from None
+    from .hub import load_hub_dataset
+
+    ds = load_hub_dataset(loc.hub_id, where, f"set {where}.params.local_path to a local copy", config=loc.hub_config,
+                          split=loc.split, data_files=loc.data_files)
     for f, name in [(text_field, "text_field"), *other_fields.items()]:
         if f not in ds.column_names:
             raise RespError(f"{where}.params.{name}: {loc.origin()} has no field {f!r} "

@@ -168,6 +168,11 @@ CASES = {
     "schedule validator message": (_sub(schedule__params__milestones=[0.3, 0.1]), ["milestones must be strictly"]),
     "run name with a slash": (_sub(name="../escape"), ["name", "run name"]),
     "params not a mapping": (_sub(scorer={"name": "resp", "params": [1, 2]}), ["scorer.params"]),
+    # generation backend this machine cannot run (vllm missing here, or the model on the CPU)
+    "generator vllm on this machine": (_sub(generator={"name": "vllm"}), ["generator", "vllm"]),
+    # nesting just past the limit (the parser's own depth) and far past it (the textual bound)
+    "nesting 40 levels": (_text("name: x\nscorer: " + "[" * 40 + "]" * 40 + "\n"), ["nested more than 32"]),
+    "nesting 700 levels": (_text("name: x\nscorer: " + "[" * 700 + "]" * 700 + "\n"), ["nested more than 32"]),
 }
 CASES["duplicate key in a mapping"] = (
     lambda r, m: yaml.safe_dump(r).replace("scorer:\n  name: resp", "scorer:\n  name: resp\n  name: gisp"),
@@ -323,3 +328,29 @@ def _get(node, path):
     for k in path:
         node = node[k]
     return node
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_one_line_when_the_model_loads(tmp_path, tiny_model_dir, value):
+    """A NaN or infinity in the weights is found when the model loads, before generation would
+    sample from it: one line naming the tensor, exit 2, no run folder."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, copy)
+    weights = load_file(copy / "model.safetensors")
+    name = next(n for n in sorted(weights) if n.endswith("mlp.down_proj.weight"))
+    weights[name][0, 0] = value
+    save_file(weights, copy / "model.safetensors", metadata={"format": "pt"})
+    recipe = small_recipe(tiny_model_dir)
+    recipe["model"]["path"] = str(copy)
+    recipe["calibration"] = {"name": "self_generated", "params": {"num_samples": 2}}
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", str(write(tmp_path, recipe)), "--out", str(out)])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    errors = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and result.output.strip().splitlines()[-1] == errors[0], result.output
+    for fragment in ("model.path", repr(name), "NaN or infinite"):
+        assert fragment in errors[0], (fragment, errors[0])
+    assert not out.exists()

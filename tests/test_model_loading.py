@@ -265,3 +265,22 @@ def test_smollm2_gguf_converts_to_a_plain_folder(tmp_path):
                                   return_tensors="pt", return_dict=True)["input_ids"]
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_validate_reads_the_whole_gguf_layout(tiny_gguf, tmp_path, tiny_model_dir):
+    """``validate`` finds a GGUF file cut anywhere (in the metadata, the tensor table, the data,
+    or its last byte): one line naming the file, exit 2, before any weight is loaded."""
+    from test_cli import assert_user_error, small_recipe, write
+
+    data = tiny_gguf.read_bytes()
+    for cut in (64, len(data) // 3, len(data) // 2, len(data) - 1):
+        cut_file = tmp_path / f"cut{cut}.gguf"
+        cut_file.write_bytes(data[:cut])
+        recipe = small_recipe(tiny_model_dir)
+        recipe["model"]["path"] = str(cut_file)
+        result = runner.invoke(app, ["validate", str(write(tmp_path, recipe))])
+        assert_user_error(result, "model.path", cut_file.name)
+        assert len(result.output.strip().splitlines()) == 1, result.output
+    result = runner.invoke(app, ["validate", str(write(tmp_path, {**small_recipe(tiny_model_dir),
+                                                                  "model": {"path": str(tiny_gguf)}}))])
+    assert result.exit_code == 0, result.output

@@ -171,3 +171,28 @@ def test_bad_inputs_are_one_line(tmp_path):
     check("larger than window", local_path=str(tmp_path / "a.jsonl"), text_field="body", window=8, stride=9)
     with pytest.raises(Exception):
         Perplexity.Params(window=1)
+
+
+def test_milestone_lines_and_the_table_show_perplexity_alike(tmp_path, tiny_model_dir):
+    """``respctl run`` prints a perplexity the same way at each milestone and in the final table
+    (as it is, never as a percentage)."""
+    from typer.testing import CliRunner
+
+    from resp_core.cli import app
+    from resp_core.report import format_run_metric
+    from test_cli import small_recipe, write
+
+    recipe = small_recipe(tiny_model_dir, **{"schedule.params.steps": 2,
+                                             "schedule.params.milestones": [0.2], "schedule.params.target": 0.2})
+    recipe["evaluation"]["evaluators"] = [{"name": "perplexity", "params": {
+        "local_path": str(_pages_file(tmp_path)), "text_field": "page", "window": 32}}]
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["run", str(write(tmp_path, recipe)), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "metrics.json").read_text())
+    key = next(k for k in rows[-1] if k.endswith("perplexity"))
+    shown = format_run_metric(key, rows[-1][key])
+    assert "%" not in shown and float(shown) == pytest.approx(rows[-1][key], rel=1e-3)
+    milestone_line = next(ln for ln in result.output.splitlines() if ln.strip().startswith("sparsity")
+                          and f"{rows[-1]['sparsity']:.1%}" in ln)
+    assert f"{key} {shown}" in milestone_line, milestone_line

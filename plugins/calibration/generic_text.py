@@ -38,7 +38,7 @@ from resp_core.interfaces import (
     Params,
     RunContext,
 )
-from resp_core.text_source import TextLocation, read_rows
+from resp_core.text_source import TextLocation, check_reachable, read_rows
 from resp_core.validation import Count, Seed
 
 
@@ -70,6 +70,8 @@ class GenericText(CalibrationSource):
         self._path = path
         if self.params.local_path is not None:
             self._documents()  # a missing file or a wrong field fails here, before anything runs
+        else:
+            check_reachable(self._location(), path)  # offline: in the local cache, or one line now
 
     # --- loading ---------------------------------------------------------------------------------
     def _location(self) -> TextLocation:

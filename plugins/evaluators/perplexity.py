@@ -51,7 +51,7 @@ from pydantic import Field
 from resp_core import hookimpl
 from resp_core.errors import RespError
 from resp_core.interfaces import EvalResult, Evaluator, Params, RunContext
-from resp_core.text_source import TextLocation, read_rows
+from resp_core.text_source import TextLocation, check_reachable, read_rows
 from resp_core.validation import Seed
 
 METRICS = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
@@ -114,6 +114,8 @@ class Perplexity(Evaluator):
             raise RespError(f"{path}.params.stride: {p.stride} is larger than window {p.window}")
         if p.local_path is not None:
             self._documents()  # a missing file or field fails here, before anything runs
+        else:
+            check_reachable(self._location(), path)  # offline: in the local cache, or one line now
 
     def _origin(self) -> str:
         return self._location().origin()

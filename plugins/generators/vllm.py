@@ -255,6 +255,19 @@ class VLLMGenerator(Generator):
         kw.update(p.engine_kwargs)
         return kw
 
+    def check_recipe(self, recipe, path: str) -> None:
+        """``validate`` and the start of ``run`` (not ``--portable``): vLLM is installed here and
+        the model is meant for a GPU."""
+        if self._engine_factory is _vllm_engine:
+            import importlib.util
+
+            if importlib.util.find_spec("vllm") is None:
+                raise RespError(f"{path}: vllm is not installed here (pip install 'resp-pruning[vllm]' on a "
+                                "machine with a CUDA GPU; or use generator 'hf')")
+        if not str(recipe.model.device).startswith("cuda"):
+            raise RespError(f"{path}: vLLM serves from a GPU, but model.device is {recipe.model.device!r}; set "
+                            "model.device: cuda (or use generator 'hf')")
+
     def _check_servable(self) -> None:
         config = getattr(self.model, "config", None)
         model_type = str(getattr(config, "model_type", ""))
