@@ -14,10 +14,12 @@ import json
 from pathlib import Path
 from typing import Iterator
 
+from .atomic_io import atomic_file, sha256_file, write_json
 from .interfaces import CalibrationSample, RunContext
 from .model.adapter import DecoderAdapter
 from .model.masks import MaskSet, apply_mask
-from .rundir import CHECKPOINT_DIR, RunDir, atomic_file, rng_state, sha256_file, write_json
+from .rng_state import rng_state
+from .rundir import CHECKPOINT_DIR, RunDir
 
 CHECKPOINT_FORMAT = 1
 

@@ -52,10 +52,10 @@ def use_cache_only() -> None:
     from huggingface_hub import constants
 
     constants.HF_HUB_OFFLINE = True
-    try:
-        import datasets.config
+    import importlib
 
-        datasets.config.HF_HUB_OFFLINE = True
+    try:
+        importlib.import_module("datasets.config").HF_HUB_OFFLINE = True
     except ImportError:  # pragma: no cover - datasets is a dependency
         pass
 

@@ -31,7 +31,7 @@ class Params(BaseModel):
     """Base for plugin parameter models: unknown keys are errors, and ``true``/``false`` given
     for a number is refused (pydantic alone would read ``target: true`` as ``1.0``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())  # fields such as model_path are ours
 
     _no_bool_numbers = field_validator("*", mode="before")(classmethod(refuse_bool_for_number))
 

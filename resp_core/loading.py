@@ -20,125 +20,28 @@ reported with its first line.
 
 from __future__ import annotations
 
-import importlib.util
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import RespError
-from .recipe import TESTBED_MODEL, ModelSection
+from .model_source import TESTBED_MODEL, ModelSource, first_line, model_source
+from .preflight import already_checked, check_model
+from .recipe import ModelSection
 
-TESTBED_DIR = Path(__file__).parent / "testbed" / "assets"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-GGUF_PACKAGES = ("gguf", "accelerate")
-
-
-def model_dir(path: str) -> str:
-    if path == TESTBED_MODEL:
-        if not (TESTBED_DIR / "model.safetensors").is_file():
-            raise RespError("the testbed model is missing; train it with `respctl testbed train`")
-        return str(TESTBED_DIR)
-    return path
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where the weights are: ``location`` (a folder or hub id) and, for GGUF, the file in it."""
-
-    location: str
-    gguf_file: str | None = None
-
-    @property
-    def label(self) -> str:
-        return f"{self.location}/{self.gguf_file}" if self.gguf_file else self.location
-
-
-def model_source(path: str, gguf_file: str | None = None, field: str = "model.path") -> ModelSource:
-    """Resolve a recipe's ``model.path`` (and ``model.gguf_file``) without reading weights."""
-    if path == TESTBED_MODEL:
-        if gguf_file:
-            raise RespError("model.gguf_file: the testbed model is not a GGUF file")
-        return ModelSource(model_dir(path))
-    p = Path(path).expanduser()
-    if gguf_file:
-        if Path(gguf_file).name != gguf_file:
-            raise RespError(f"model.gguf_file: {gguf_file!r} must be a file name inside model.path")
-        if p.is_dir():
-            f = p / gguf_file
-            if not f.is_file():
-                raise RespError(f"model.gguf_file: {f} does not exist")
-            check_gguf_file(f, "model.gguf_file")
-        elif p.exists():
-            raise RespError(f"{field}: {path} is a file; with model.gguf_file, model.path names its folder or hub id")
-        return ModelSource(str(p) if p.is_dir() else path, gguf_file)
-    if p.is_file() and (p.suffix.lower() == ".gguf" or _has_gguf_magic(p)):
-        check_gguf_file(p, field)
-        return ModelSource(str(p.parent), p.name)
-    return ModelSource(str(p) if p.exists() else path)
-
-
-def _has_gguf_magic(path: Path) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(4) == b"GGUF"
-    except OSError:
-        return False
-
-
-def check_gguf_file(path: Path, field: str = "model.path") -> None:
-    """The file starts like a GGUF file and the packages transformers needs to read it are installed."""
-    try:
-        with open(path, "rb") as fh:
-            magic = fh.read(4)
-    except OSError as exc:
-        raise RespError(f"{field}: cannot read {path} ({exc.strerror or exc})") from None
-    if magic != b"GGUF":
-        raise RespError(f"{field}: {path} is not a GGUF file (it does not start with the GGUF magic bytes)")
-    missing = [p for p in GGUF_PACKAGES if importlib.util.find_spec(p) is None]
-    if missing:
-        raise RespError(f"{field}: reading a GGUF file needs the {' and '.join(repr(m) for m in missing)} "
-                        f"package{'s' if len(missing) > 1 else ''}: pip install 'resp-pruning[gguf]'")
-    check_gguf_layout(path, field)
-
-
-def check_gguf_layout(path: Path, field: str = "model.path") -> None:
-    """The whole GGUF header parses (metadata and tensor table, read by the ``gguf`` package's own
-    reader, which maps the file without loading it) and every tensor's bytes lie inside the file:
-    a file cut short or corrupted is one line here instead of a failure in the middle of loading."""
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(path)
-    except Exception as exc:  # the reader fails with numpy's errors wherever the bytes run out
-        raise RespError(f"{field}: {path} cannot be read as GGUF (cut short or corrupt; {_first_line(exc)})") from None
-    size = path.stat().st_size
-    for tensor in reader.tensors:
-        end = int(tensor.data_offset) + int(tensor.n_bytes)
-        if end > size:
-            raise RespError(f"{field}: {path} is truncated: tensor {tensor.name!r} ends at byte {end:,}, "
-                            f"the file has {size:,}")
-    if not reader.tensors:
-        raise RespError(f"{field}: {path} holds no tensors")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def _preflight(section: ModelSection, source: ModelSource) -> None:
     """The checks ``respctl validate`` runs (config, tokenizer files, safetensors headers of a
     folder; a hub id in the cache or on the hub), and, where the hub cannot be reached, the hub
     libraries switched to the local cache so that nothing waits on retries."""
-    from .preflight import check_model
-
     if Path(source.location).is_dir():
-        if not source.gguf_file:
+        if not source.gguf_file and not already_checked(section):
             check_model(section.model_copy(update={"path": source.location}) if section.path != TESTBED_MODEL
                         else section)
         return
-    if not source.gguf_file:
+    if not source.gguf_file and not already_checked(section):
         check_model(section)  # a hub id: cached, or offline in one line, or looked up once
     from .hub import offline_reason, use_cache_only
 
@@ -164,7 +67,7 @@ def load_model_and_tokenizer(section: ModelSection, device: str | None = None):
     except RespError:
         raise
     except Exception as exc:  # transformers, safetensors, gguf and tokenizers each raise their own types
-        raise RespError(f"model.path: cannot load {source.label!r}: {_first_line(exc)}") from None
+        raise RespError(f"model.path: cannot load {source.label!r}: {first_line(exc)}") from None
     check_supported(getattr(model.config, "model_type", None), f"model.path: {source.label}")
     check_finite_weights(model, f"model.path: {source.label}")
     tokenizer.padding_side = "left"

@@ -47,6 +47,7 @@ from typing import Callable
 import torch
 
 from . import __version__
+from .atomic_io import atomic_write_text, kill_point, write_json, write_jsonl
 from .checkpoint import generation_file, latest_checkpoint, restore_checkpoint, save_checkpoint
 from .errors import RespError, RunFailed, RunInterrupted
 from .export import export_at_end
@@ -59,9 +60,11 @@ from .model.saving import save_compacted, save_pruned
 from .model.masks import MaskSet, apply_mask, kept_parameter_count, sparsity_of, sparsity_report
 from .model.structures import build_structures, check_plan
 from .init_from import load_init_point
-from .recipe import ResolvedRecipe, dump_recipe
-from .rundir import (CHECKPOINT_DIR, RunDir, RunRecord, atomic_write_text, kill_point, seed_everything,
-                     set_rng_state, source_commit, write_json, write_jsonl)
+from .recipe import dump_recipe
+from .resolve import ResolvedRecipe
+from .rng_state import seed_everything, set_rng_state
+from .run_record import RunRecord, source_commit
+from .rundir import CHECKPOINT_DIR, RunDir
 
 
 @dataclass
@@ -144,7 +147,8 @@ def run_recipe(resolved: ResolvedRecipe, run_path, progress: Progress | None = N
 def resume_run(run_path, progress: Progress | None = None, on_row: Callable[[dict], None] | None = None,
                model_and_tokenizer=None) -> RunResult:
     """Continue an interrupted, failed or stale run from its last checkpoint (``respctl run --resume``)."""
-    from .recipe import parse_recipe, resolve
+    from .recipe import parse_recipe
+    from .resolve import resolve
 
     run_dir = RunDir.open_resumable(Path(run_path))
     info = run_dir.info()

@@ -12,15 +12,15 @@ naming the field.
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import RespError
+from .model_source import HUB_ID, TESTBED_DIR, TESTBED_MODEL, model_source
 from .safetensors_io import MAX_HEADER_BYTES, HeaderError, read_header, tensor_entries
 
-TESTBED_MODEL = "testbed"
-TESTBED_DIR = Path(__file__).parent / "testbed" / "assets"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
 MAX_CONFIG_BYTES = 10 << 20
 REQUIRED_CONFIG = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
@@ -230,17 +230,21 @@ def check_model(section: Any, field: str = "model.path", portable: bool = False)
 
     ``portable``: the recipe is meant for another machine (``respctl validate --portable``): the
     device is not checked and a hub model that is not in the local cache is not looked up, so the
-    structure checks that need its config are skipped; everything else is checked."""
-    from .recipe import HUB_ID
+    structure checks that need its config are skipped; everything else is checked.  A full
+    check (not ``portable``) that passes is remembered: see :func:`already_checked`."""
+    info = _check_model(section, field, portable)
+    if not portable:
+        _remember(section)
+    return info
 
+
+def _check_model(section: Any, field: str, portable: bool) -> ModelInfo:
     if not portable:
         check_device(section.device)
     path = section.path
     gguf_file = getattr(section, "gguf_file", None)
     if gguf_file or (Path(path).expanduser().is_file() and path != TESTBED_MODEL):
-        from .loading import model_source  # GGUF: the magic bytes and the packages to read it
-
-        src = model_source(path, gguf_file, field)
+        src = model_source(path, gguf_file, field)  # GGUF: the magic bytes and the packages to read it
         if src.gguf_file:
             return ModelInfo(path, None, None)
     if path == TESTBED_MODEL:
@@ -251,6 +255,31 @@ def check_model(section: Any, field: str = "model.path", portable: bool = False)
     if folder.exists() or not HUB_ID.match(path) or path.startswith((".", "/", "~")):
         return _check_local(path, folder, field)
     return _check_hub(path, section.revision, field, portable)
+
+
+# The sections that passed a full check in this process, by object: a run checks its model when
+# the recipe is resolved, and loading that same (unchanged) section does not check it again.
+_CHECKED: dict[int, tuple[weakref.ref, tuple]] = {}
+
+
+def _state(section: Any) -> tuple:
+    return (section.path, section.revision, getattr(section, "gguf_file", None), section.device)
+
+
+def _remember(section: Any) -> None:
+    key = id(section)
+    try:
+        ref = weakref.ref(section, lambda _, key=key: _CHECKED.pop(key, None))
+    except TypeError:  # an object that cannot be weakly referenced is simply checked again
+        return
+    _CHECKED[key] = (ref, _state(section))
+
+
+def already_checked(section: Any) -> bool:
+    """``section`` (this very object, its path, revision, GGUF file and device unchanged) passed
+    :func:`check_model` on this machine earlier in this process."""
+    entry = _CHECKED.get(id(section))
+    return entry is not None and entry[0]() is section and entry[1] == _state(section)
 
 
 def transformers_config(info: ModelInfo):

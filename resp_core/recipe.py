@@ -2,16 +2,15 @@
 
 A recipe names one implementation per role (task, generator, calibration source, scorer,
 allocator, schedule, evaluators) with its ``params``; each implementation validates its own
-``params`` with its pydantic ``Params`` model.  :func:`load_recipe` parses and checks the schema;
-:func:`resolve` then builds every plugin and checks paths, so that a bad recipe fails before
-anything is loaded or written, with one line naming the field.
+``params`` with its pydantic ``Params`` model.  :func:`load_recipe` reads the file and checks the
+schema; :func:`resp_core.resolve.resolve` then builds every plugin and checks paths, so that a bad
+recipe fails before anything is loaded or written, with one line naming the field.
 """
 
 from __future__ import annotations
 
 import codecs
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -20,11 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from .errors import RespError
 from .model.structures import StructureSpec
-from .registry import Registry, get_registry
+from .model_source import TESTBED_MODEL
+from .paper import apply_to_recipe
 from .validation import Seed, first_error, refuse_bool_for_number
 
-TESTBED_MODEL = "testbed"
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 DEVICE = re.compile(r"^(cpu|mps|(cuda|xpu)(:\d+)?)$")
 
@@ -310,21 +308,28 @@ def is_comparison(data: Any) -> bool:
     return isinstance(data, dict) and "methods" in data
 
 
-def parse_recipe(text: str | dict, source: str = "recipe") -> Recipe:
-    """A run recipe from YAML text (or an already parsed mapping)."""
+def _parse(text: str | dict, source: str, schema: type[BaseModel], not_mapping: str, apply_paper):
+    """The steps a run recipe and a comparison recipe share: YAML text (or an already parsed
+    mapping) that must be a mapping, ``mode: paper`` filled in by ``apply_paper``, the schema
+    validated.  ``not_mapping``: the message (``{got}``: what the document is instead).  Returns
+    the validated object and the paper protocol's report (None without ``mode: paper``)."""
     data = load_yaml_document(text, source) if isinstance(text, str) else text
     if not isinstance(data, dict):
         got = "nothing" if data is None else type(data).__name__
-        raise RespError(f"{source}: a recipe must be a YAML mapping, got {got}")
+        raise RespError(f"{source}: {not_mapping.format(got=got)}")
     report = None
     if data.get("mode") == "paper":
-        from .paper import apply_to_recipe
-
-        data, report = apply_to_recipe(data)
+        data, report = apply_paper(data)
     try:
-        recipe = Recipe.model_validate(data)
+        parsed = schema.model_validate(data)
     except ValidationError as exc:
         raise RespError(f"{source}: {_first_error(exc)}") from None
+    return parsed, report
+
+
+def parse_recipe(text: str | dict, source: str = "recipe") -> Recipe:
+    """A run recipe from YAML text (or an already parsed mapping)."""
+    recipe, report = _parse(text, source, Recipe, "a recipe must be a YAML mapping, got {got}", apply_to_recipe)
     if report is not None:
         recipe._protocol = report.to_json()
     return recipe
@@ -332,153 +337,6 @@ def parse_recipe(text: str | dict, source: str = "recipe") -> Recipe:
 
 def load_recipe(path: str | Path) -> Recipe:
     return parse_recipe(read_recipe_file(path), source=str(path))
-
-
-@dataclass
-class ResolvedRecipe:
-    """A recipe with every plugin built and every path checked."""
-
-    recipe: Recipe
-    task: Any
-    generator: Any
-    calibration: Any
-    scorer: Any
-    allocator: Any
-    schedule: Any
-    evaluators: list[tuple[str, Any]]
-    registry: Registry
-
-    def components(self) -> list[tuple[str, str]]:
-        """``(kind, name)`` of every implementation the run uses, the tasks that calibration
-        sources and evaluators name in their params included."""
-        r = self.recipe
-        out = [("task", r.task.name), ("generator", r.generator.name), ("calibration", r.calibration.name),
-               ("scorer", r.scorer.name), ("allocator", r.allocator.name), ("schedule", r.schedule.name)]
-        out += [("evaluator", name) for name, _ in self.evaluators]
-        for obj in [self.calibration] + [ev for _, ev in self.evaluators]:
-            task = getattr(getattr(obj, "params", None), "task", None)
-            if isinstance(task, str):
-                out.append(("task", task))
-        return out
-
-    def plugin_versions(self) -> list[dict]:
-        """Which distribution (name and version) supplied each component: recorded in run.json."""
-        return self.registry.provenance(self.components())
-
-
-def check_model_path(model: "str | ModelSection") -> None:
-    """The model (a ``model:`` section, or a path) exists and holds a supported model, on an
-    available device (see :mod:`resp_core.preflight`)."""
-    from .preflight import check_model
-
-    check_model(ModelSection(path=model) if isinstance(model, str) else model)
-
-
-def check_against_model(resolved: "ResolvedRecipe", info) -> None:
-    """Structure fields and the schedule against the model's config: layer indices in range,
-    something left to prune, the target reachable, no more steps than prunable units."""
-    from .model.structures import check_plan, structures_from_config
-    from .preflight import transformers_config
-
-    config = transformers_config(info)
-    if config is None:
-        return
-    recipe = resolved.recipe
-    structures = structures_from_config(config, recipe.structures.spec())
-    units = int(sum(int(structures.candidate(k).sum()) for k in structures.kinds))
-    n_steps = getattr(getattr(resolved.schedule, "params", None), "steps", None)
-    if isinstance(n_steps, int) and units and n_steps > units:
-        raise RespError(f"schedule.params.steps: {n_steps:,} steps for {units:,} prunable units; every step must "
-                        "be able to remove a unit")
-    budget = getattr(getattr(resolved.allocator, "params", None), "budget", "parameters")
-    check_plan(structures, resolved.schedule.steps(), budget)
-
-
-def resolve(recipe: Recipe, registry: Registry | None = None, source: str | None = None,
-            portable: bool = False) -> ResolvedRecipe:
-    """Build every plugin and check the model, device, structures and schedule without loading
-    weights.  ``source`` (the recipe file) prefixes every error message.  ``portable``: skip the
-    checks that depend on this machine (device; hub models not in the local cache)."""
-    try:
-        return _resolve(recipe, registry, portable)
-    except RespError as exc:
-        if source and not str(exc).startswith(source):
-            raise type(exc)(f"{source}: {exc}") from None
-        raise
-
-
-def _resolve(recipe: Recipe, registry: Registry | None = None, portable: bool = False) -> ResolvedRecipe:
-    from .preflight import check_model
-
-    reg = registry or get_registry()
-    info = check_model(recipe.model, portable=portable)
-    if recipe.init_from:
-        from .init_from import check_init_from
-
-        check_init_from(recipe.init_from)
-    build = lambda kind, ref, path: reg.create(kind, ref.name, ref.params, path)  # noqa: E731
-    task = build("task", recipe.task, "task")
-    generator = build("generator", recipe.generator, "generator")
-    calibration = build("calibration", recipe.calibration, "calibration")
-    scorer = build("scorer", recipe.scorer, "scorer")
-    allocator = build("allocator", recipe.allocator, "allocator")
-    schedule = build("schedule", recipe.schedule, "schedule")
-    evaluators = [
-        (ref.name, build("evaluator", ref, f"evaluation.evaluators[{i}]"))
-        for i, ref in enumerate(recipe.evaluation.evaluators)
-    ]
-    checked = ((calibration, "calibration"), (scorer, "scorer"), (allocator, "allocator"))
-    if not portable:  # a generator checks what this machine has installed
-        checked = ((generator, "generator"), *checked)
-    for obj, path in checked:
-        check = getattr(obj, "check_recipe", None)
-        if check is not None:
-            check(recipe, path)
-    for (name, ev), i in zip(evaluators, range(len(evaluators))):
-        check = getattr(ev, "check_recipe", None)
-        if check is not None:
-            check(recipe, f"evaluation.evaluators[{i}]")
-    resolved = ResolvedRecipe(recipe, task, generator, calibration, scorer, allocator, schedule, evaluators, reg)
-    check_task_splits(resolved)
-    check_against_model(resolved, info)
-    return resolved
-
-
-COUNT_FIELDS = ("num_samples", "num_items")
-
-
-def check_task_splits(resolved: "ResolvedRecipe") -> None:
-    """Every component whose params name a ``split`` (calibration sources and evaluators that
-    draw task items: ``split``, optional ``task``/``task_params``, ``num_samples``/``num_items``)
-    asks for a split its task has, and no more items than the split holds when that is known.
-    Components whose ``split`` belongs to their own data set (``uses_task_split = False``: generic
-    text, perplexity text) are not checked against the task."""
-    recipe, reg = resolved.recipe, resolved.registry
-    parts = [("calibration", resolved.calibration)] + [
-        (f"evaluation.evaluators[{i}]", ev) for i, (_, ev) in enumerate(resolved.evaluators)]
-    for path, obj in parts:
-        p = getattr(obj, "params", None)
-        split = getattr(p, "split", None)
-        if not isinstance(split, str) or not getattr(obj, "uses_task_split", True):
-            continue
-        name = getattr(p, "task", None) or recipe.task.name
-        task_params = getattr(p, "task_params", None)
-        if name == recipe.task.name and not task_params:
-            task = resolved.task
-        else:
-            task = reg.create("task", name, task_params or (recipe.task.params if name == recipe.task.name else {}),
-                              f"{path}.params.task")
-        splits = tuple(getattr(task, "splits", ()) or ())
-        if splits and split not in splits:
-            raise RespError(f"{path}.params.split: task {name!r} has no split {split!r}; it has "
-                            f"{', '.join(repr(s) for s in splits)}")
-        size_of = getattr(task, "split_size", None)
-        size = size_of(split) if size_of is not None else None
-        for field in COUNT_FIELDS:
-            count = getattr(p, field, None)
-            if isinstance(count, int) and size is not None and count > size:
-                raise RespError(f"{path}.params.{field}: {count:,} is more than the {size:,} items of task "
-                                f"{name!r}'s {split!r} split")
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -1,4 +1,5 @@
-"""Rendering comparison results: rich table, Markdown report, accuracy-vs-sparsity plot.
+"""Rendering results: a run's table; a comparison's rich table, Markdown report and
+accuracy-vs-sparsity plot.
 
 Everything here reads the results dict (``results.json``, see :mod:`resp_core.compare`), so
 ``respctl report`` re-renders a finished comparison without recomputing anything.
@@ -22,6 +23,8 @@ from pathlib import Path
 
 from rich.table import Table
 
+from .errors import RespError
+from .metric_keys import SEED_KEY
 from .stats import finite
 
 CI_CHOICES = ("seeds", "items")
@@ -62,6 +65,46 @@ def format_run_metric(metric: str, value, ci95=None) -> str:
     if 0.0 <= value <= 1.0 and not metric.endswith(("perplexity", "tokens", "loss")):
         return f"{value:.1%}" + (f" ± {ci95:.1%}" if finite(ci95) else "")
     return f"{value:.4g}" + (f" ± {ci95:.2g}" if finite(ci95) else "")
+
+
+def main_metrics(rows: list[dict], chosen: list[str] | None = None) -> list[str]:
+    """The metric columns of a run table: ``chosen`` when given, else one main metric per task —
+    the one an evaluator reports per seed (``<metric>@seed<s>``: ``task_accuracy``'s accuracy,
+    the ``lm_eval`` evaluator's ``main_metric``), else ``<task>/accuracy``.  Every other metric
+    stays in ``metrics.json`` (and ``run --json``)."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    if chosen:
+        unknown = [c for c in chosen if c not in keys]
+        if unknown:
+            raise RespError(f"--metric: {unknown[0]!r} is not a metric of this run; it has "
+                            f"{', '.join(k for k in keys if '/' in k) or 'none'}")
+        return list(chosen)
+    mains = [m.group("metric") for k in keys if (m := SEED_KEY.match(k))]
+    mains = list(dict.fromkeys(mains)) or [k for k in keys if k.endswith("/accuracy")]
+    per_task: dict[str, str] = {}
+    for k in mains:
+        per_task.setdefault(k.split("/", 1)[0], k)
+    return list(per_task.values())
+
+
+def results_table(rows: list[dict], title: str, metrics: list[str] | None = None) -> Table:
+    """Sparsity, parameter count and one main metric per task for each evaluated point of a run."""
+    metric_keys = main_metrics(rows, metrics)
+    table = Table(title=title)
+    table.add_column("step", justify="right")
+    table.add_column("sparsity", justify="right")
+    table.add_column("parameters", justify="right")
+    for k in metric_keys:
+        table.add_column(k.replace("/", " "), justify="right")
+    table.add_column("traces correct", justify="right")
+    for r in rows:
+        cells = [str(r.get("step", "")), f"{r['sparsity']:.1%}", f"{r['parameters'] / 1e6:.3f}M"]
+        for k in metric_keys:
+            cells.append(format_run_metric(k, r.get(k), r.get(f"{k}_ci95")))
+        c = r.get("calibration_correct_fraction")
+        cells.append("" if c is None else f"{c:.1%}")
+        table.add_row(*cells)
+    return table
 
 
 def _fmt(c: dict | None, ci: str = "seeds", metric: str = "") -> str:
@@ -238,7 +281,7 @@ def render_plot(results: dict, path: Path, ci: str = "seeds") -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .rundir import atomic_file
+    from .atomic_io import atomic_file
 
     metrics = _pivot(results)[0]
     basis = (results["info"].get("structures") or {}).get("sparsity_basis", "prunable_blocks")

@@ -61,7 +61,7 @@ def tiny_model_dir(tmp_path_factory, testbed_tokenizer):
 
 @pytest.fixture(scope="session")
 def testbed_available():
-    from resp_core.loading import TESTBED_DIR
+    from resp_core.model_source import TESTBED_DIR
 
     if not (TESTBED_DIR / "model.safetensors").is_file():
         pytest.skip("testbed weights not present")

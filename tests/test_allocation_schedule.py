@@ -679,7 +679,8 @@ def _run(recipe: dict, out):
     import yaml
 
     from resp_core.pipeline import run_recipe
-    from resp_core.recipe import parse_recipe, resolve
+    from resp_core.recipe import parse_recipe
+    from resp_core.resolve import resolve
 
     return run_recipe(resolve(parse_recipe(yaml.safe_dump(recipe), "tiny.yaml")), out)
 

@@ -10,12 +10,13 @@ import signal
 import pytest
 import torch
 
+from resp_core.atomic_io import atomic_dir, atomic_file, atomic_write_text, write_json
 from resp_core.errors import RespError, RunFailed
 from resp_core.interfaces import Completion, Generator, Progress, RunContext
 from resp_core.model.adapter import Geometry, adapter_for
 from resp_core.model.masks import MaskSet
 from resp_core.model.structures import StructureSpec, build_structures
-from resp_core.rundir import (RunDir, atomic_dir, atomic_file, atomic_write_text, write_json)
+from resp_core.rundir import RunDir
 from resp_core.safetensors_io import safetensors_bytes
 from resp_plugins.calibration.self_generated import SelfGenerated
 from resp_plugins.tasks import testbed_arith
@@ -43,7 +44,7 @@ def test_atomic_write_replaces_whole_and_failure_keeps_the_old_file(tmp_path, mo
     assert json.loads(target.read_text()) == {"a": 1}
     assert oct(target.stat().st_mode & 0o777) == _mode()
 
-    import resp_core.rundir as rd
+    import resp_core.atomic_io as rd
 
     def full(fd, data):
         os.write(fd, data[: len(data) // 2])

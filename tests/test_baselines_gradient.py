@@ -563,7 +563,8 @@ def resolved_context(tmp_path, model_dir, calibration: dict, tokenizer):
 
     from resp_core.interfaces import Progress
     from resp_core.pipeline import build_context
-    from resp_core.recipe import parse_recipe, resolve
+    from resp_core.recipe import parse_recipe
+    from resp_core.resolve import resolve
 
     recipe = run_recipe_dict(model_dir, tmp_path, "magnitude", calibration=calibration)
     resolved = resolve(parse_recipe(yaml.safe_dump(recipe)))

@@ -198,7 +198,7 @@ def test_bad_gguf_files(tiny_gguf, tmp_path):
 def test_missing_gguf_package_is_one_line(tiny_gguf, monkeypatch):
     import importlib.util
 
-    import resp_core.loading as loading
+    import resp_core.model_source as loading
 
     real = importlib.util.find_spec
     monkeypatch.setattr(loading.importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))

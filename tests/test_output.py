@@ -13,9 +13,10 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from resp_core.cli import app, results_table
+from resp_core.cli import app
 from resp_core.progress import PlainProgressReporter, RichProgressReporter, make_console
-from resp_core.report import band, ci_words, plot_series, render_markdown, render_plot, rich_table
+from resp_core.report import (band, ci_words, plot_series, render_markdown, render_plot, results_table,
+                               rich_table)
 from resp_core.stats import bootstrap_ci95, ci95_halfwidth, json_safe, t975
 from test_cli import small_recipe, write
 

@@ -24,7 +24,8 @@ import yaml
 from typer.testing import CliRunner
 
 from resp_core.cli import app
-from resp_core.rundir import CHECKPOINT_DIR, effective_status, source_commit
+from resp_core.run_record import effective_status, source_commit
+from resp_core.rundir import CHECKPOINT_DIR
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
@@ -225,7 +226,7 @@ def test_resume_refuses_finished_running_and_foreign_folders(tmp_path, recipe_fi
     r = runner.invoke(app, ["run", "--resume", str(folder)])
     assert assert_one_line(r, "already finished"), r.output
     # a live process (this one) with a fresh heartbeat: still running
-    from resp_core.rundir import RunRecord
+    from resp_core.run_record import RunRecord
 
     rec = RunRecord(folder / "run.json", {"name": "x"})
     rec.write(status="running")
@@ -246,7 +247,7 @@ def test_disk_full_during_final_save_fails_cleanly_then_resumes(tmp_path, recipe
     run = tmp_path / "run"
 
     def full_disk_at_model_save():
-        import resp_core.rundir as rd
+        import resp_core.atomic_io as rd
 
         real = rd._fsync_path
 
@@ -286,7 +287,7 @@ def test_read_only_folder_is_one_line_and_keeps_the_run(tmp_path, recipe_file, w
         pytest.skip("needs /proc/self/fd")
 
     def read_only():
-        import resp_core.rundir as rd
+        import resp_core.atomic_io as rd
 
         real = rd._write_all
         state = {"on": False}

@@ -493,7 +493,8 @@ def test_pipeline_calls_the_scoring_hooks_around_every_scoring_pass(tmp_path, ti
     """The run loop brackets each scorer.score with generator.before_scoring / after_scoring (where
     the vLLM generator sleeps), in that order, once per pruning step."""
     from resp_core.pipeline import run_recipe
-    from resp_core.recipe import parse_recipe, resolve
+    from resp_core.recipe import parse_recipe
+    from resp_core.resolve import resolve
 
     from test_cli import small_recipe
 

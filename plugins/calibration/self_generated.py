@@ -35,7 +35,7 @@ from pydantic import Field
 from resp_core import hookimpl
 from resp_core.errors import RespError
 from resp_core.fingerprint import model_fingerprint
-from resp_core.rundir import atomic_write_text
+from resp_core.atomic_io import atomic_write_text
 from resp_core.interfaces import CalibrationSample, CalibrationSource, Params, RunContext, SamplingParams
 from resp_core.validation import Count, NewTokens
 

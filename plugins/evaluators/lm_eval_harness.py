@@ -59,6 +59,7 @@ from pydantic import Field
 from resp_core import hookimpl
 from resp_core.errors import RespError
 from resp_core.interfaces import EvalResult, Evaluator, Params, RunContext, SamplingParams
+from resp_core.metric_keys import seed_key
 from resp_core.validation import Seed
 from resp_plugins.evaluators.lm_eval_judge import (EXTRACTOR_WHAT, LLMExtractor, LLMJudge, SideModel,
                                                     load_side_generator, run_llm_extractor, run_llm_judge)
@@ -383,7 +384,7 @@ def _combine(per_seed: list[dict[str, float]], seeds: list[int], mains: set[str]
             out[f"{k}/std"] = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
         for s, m in zip(seeds, per_seed):
             if k in m:
-                out[f"{k}@seed{s}"] = m[k]
+                out[seed_key(k, s)] = m[k]
     return out
 
 

@@ -51,6 +51,7 @@ from pydantic import Field
 from resp_core import hookimpl
 from resp_core.errors import RespError
 from resp_core.interfaces import EvalResult, Evaluator, Params, RunContext
+from resp_core.metric_keys import seed_key
 from resp_core.text_source import TextLocation, check_reachable, read_rows
 from resp_core.validation import Seed
 
@@ -263,7 +264,7 @@ class Perplexity(Evaluator):
             f"{L}/tokens": float(tokens), f"{L}/words": float(words), f"{L}/bytes": float(nbytes),
             f"{L}/documents": float(len(per_doc)), f"{L}/window": float(window), f"{L}/stride": float(stride),
         }
-        metrics[f"{L}/{p.main_metric}@seed{p.seed}"] = metrics[f"{L}/{p.main_metric}"]
+        metrics[seed_key(f"{L}/{p.main_metric}", p.seed)] = metrics[f"{L}/{p.main_metric}"]
         return EvalResult(metrics, [{"label": L, **d} for d in per_doc])
 
 

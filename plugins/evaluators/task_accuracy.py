@@ -14,6 +14,7 @@ from pydantic import Field
 
 from resp_core import hookimpl
 from resp_core.interfaces import EvalResult, Evaluator, Generator, Params, Progress, RunContext, Task
+from resp_core.metric_keys import seed_key
 from resp_core.stats import bootstrap_ci95, ci95_halfwidth
 from resp_core.validation import Count, Seed
 from resp_plugins.calibration.self_generated import SamplingSettings
@@ -54,7 +55,7 @@ def measure(task: Task, generator: Generator, split: str, num_items: int | None,
     metrics[f"{name}/accuracy_items_ci95_low"] = low
     metrics[f"{name}/accuracy_items_ci95_high"] = high
     for seed, acc in zip(seeds, accuracies):
-        metrics[f"{name}/accuracy@seed{seed}"] = acc
+        metrics[seed_key(f"{name}/accuracy", seed)] = acc
     return EvalResult(metrics, records)
 
 

@@ -37,17 +37,19 @@
 Timings alternate the contenders and report medians, so drift hits all alike.
 
 Here: the scoring pass and its floors (:mod:`.overhead`), the child-process measurements
-(:mod:`.child`), the compaction speedup (:mod:`.speedup`), the GPU check (:mod:`.gpu`).
+(:mod:`.child`), the compaction speedup (:mod:`.speedup`), the GPU check (:mod:`.gpu`), and what
+each mode of ``respctl bench`` measures, as table rows (:mod:`.modes`).
 """
 
 from .child import (_child, build_torch_pruning, peak_rss_added, torch_pruning_available,
                     torch_pruning_comparison)
 from .gpu import PEAK_BF16_FLOPS, QWEN3_8B, gpu_check
+from .modes import bench_rows, check_device, speedup_rows
 from .overhead import (QUICK_SCORING_MODEL, SCORING_MODEL, random_calibration, random_qwen3, scoring_contenders,
                        scoring_overhead)
 from .speedup import SpeedupConfig, compaction_speedup
 
-__all__ = ["PEAK_BF16_FLOPS", "QUICK_SCORING_MODEL", "QWEN3_8B", "SCORING_MODEL", "SpeedupConfig",
-           "build_torch_pruning", "compaction_speedup", "gpu_check", "peak_rss_added", "random_calibration",
-           "random_qwen3", "scoring_contenders", "scoring_overhead", "torch_pruning_available",
-           "torch_pruning_comparison"]
+__all__ = ["PEAK_BF16_FLOPS", "QUICK_SCORING_MODEL", "QWEN3_8B", "SCORING_MODEL", "SpeedupConfig", "bench_rows",
+           "build_torch_pruning", "check_device", "compaction_speedup", "gpu_check", "peak_rss_added",
+           "random_calibration", "random_qwen3", "scoring_contenders", "scoring_overhead", "speedup_rows",
+           "torch_pruning_available", "torch_pruning_comparison"]

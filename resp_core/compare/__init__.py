@@ -26,8 +26,9 @@ Here: the recipe and its checks (:mod:`.schema`), running the cells (:mod:`.cell
 results (:mod:`.results`).
 """
 
+from ..metric_keys import SEED_KEY
 from .cells import path_resources, run_compare, run_path
-from .results import SEED_KEY, collect_results, write_results
+from .results import collect_results, write_results
 from .schema import (SCHEDULES, SHARED_FIELDS, CompareMethod, CompareRecipe, InitFromMethod, check_extension,
                      dense_recipe, init_from_path, is_oneshot, method_recipe, method_runs, parse_compare,
                      resolve_compare, saved_compare, slug)

@@ -25,10 +25,11 @@ from typing import Iterator
 
 import yaml
 
+from ..atomic_io import atomic_write_text, write_json
 from ..errors import RespError, RunFailed
 from ..executors import Job, SerialExecutor
-from ..recipe import resolve
-from ..rundir import RunDir, atomic_write_text, write_json
+from ..resolve import resolve
+from ..rundir import RunDir
 from .results import _per_seed, collect_results, write_results
 from .schema import (CompareMethod, CompareRecipe, check_extension, dense_recipe, method_recipe, method_runs,
                      resolve_compare, saved_compare)

@@ -5,22 +5,21 @@ from __future__ import annotations
 
 import io
 import json
-import re
 from pathlib import Path
 
-from ..rundir import atomic_write_text, write_json
+from ..atomic_io import atomic_write_text, write_json
+from ..metric_keys import parse_seed_key
 from ..stats import ci95_halfwidth, json_safe, mean
 from .schema import method_runs, saved_compare
-
-SEED_KEY = re.compile(r"^(?P<metric>.+)@seed(?P<seed>-?\d+)$")
 
 
 def _per_seed(metrics: dict) -> dict[str, dict[int, float]]:
     out: dict[str, dict[int, float]] = {}
     for k, v in metrics.items():
-        m = SEED_KEY.match(k)
-        if m:
-            out.setdefault(m.group("metric"), {})[int(m.group("seed"))] = float(v)
+        parsed = parse_seed_key(k)
+        if parsed:
+            metric, seed = parsed
+            out.setdefault(metric, {})[seed] = float(v)
     if not out:
         for k, v in metrics.items():
             if k.endswith("/accuracy"):

@@ -12,9 +12,10 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from ..errors import RespError
+from ..paper import apply_to_compare
 from ..recipe import (EvaluationSection, ModelSection, OutputSection, PluginRef, Recipe, SharedSections,
-                      StructuresSection, _Strict,
-                      _first_error, check_model_path, resolve)
+                      StructuresSection, _parse, _Strict)
+from ..resolve import check_model_path, resolve
 from ..validation import Seed
 
 SHARED_FIELDS = ("model", "task", "structures", "generator", "seed", "sparsities", "calibration", "evaluators",
@@ -111,20 +112,7 @@ def slug(label: str) -> str:
 
 def parse_compare(text: str | dict, source: str) -> CompareRecipe:
     """A comparison recipe from YAML text (or an already parsed mapping)."""
-    from ..recipe import load_yaml_document
-
-    data = load_yaml_document(text, source) if isinstance(text, str) else text
-    if not isinstance(data, dict):
-        raise RespError(f"{source}: a comparison recipe must be a YAML mapping")
-    report = None
-    if data.get("mode") == "paper":
-        from ..paper import apply_to_compare
-
-        data, report = apply_to_compare(data)
-    try:
-        cmp = CompareRecipe.model_validate(data)
-    except ValidationError as exc:
-        raise RespError(f"{source}: {_first_error(exc)}") from None
+    cmp, report = _parse(text, source, CompareRecipe, "a comparison recipe must be a YAML mapping", apply_to_compare)
     if report is not None:  # method entries keyed by label: methods[<label>].<field>
         labels = [m.label for m in cmp.methods]
         cmp._protocol = {part: {re.sub(r"^methods\[(\d+)\]", lambda g: f"methods[{labels[int(g.group(1))]}]", k): v
@@ -212,7 +200,7 @@ def dense_recipe(cmp: CompareRecipe, registry) -> Recipe:
 
 def resolve_compare(cmp: CompareRecipe, source: str, portable: bool = False):
     """Build every method's recipe and resolve it (plugin names, params, paths) before running.
-    ``portable``: skip the checks that depend on this machine (see :func:`resp_core.recipe.resolve`)."""
+    ``portable``: skip the checks that depend on this machine (see :func:`resp_core.resolve.resolve`)."""
     from ..registry import get_registry
 
     reg = get_registry()

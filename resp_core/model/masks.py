@@ -84,7 +84,7 @@ class MaskSet:
     def save(self, path: Path, metadata: dict | None = None) -> None:
         """uint8 tensors per unit kind, the geometry and ``metadata`` as strings; written atomically
         with a canonical header (same mask, same bytes)."""
-        from ..rundir import write_safetensors
+        from ..atomic_io import write_safetensors
 
         meta = {k: str(v) for k, v in (metadata or {}).items()}
         meta.update({f"geometry.{k}": str(v) for k, v in self.geometry.to_json().items()})

@@ -32,7 +32,7 @@ def write_model_folder(out_dir: Path, config_dict: dict, state: dict[str, torch.
                        generation_config=None, extra_json: dict[str, dict] | None = None) -> None:
     """A Hugging Face model folder from a config dict and a state dict, written atomically (the
     folder appears whole or not at all); tied tensors are stored once, as transformers does."""
-    from ..rundir import atomic_dir
+    from ..atomic_io import atomic_dir
 
     with atomic_dir(Path(out_dir)) as tmp:
         (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True, default=str) + "\n")

@@ -65,7 +65,7 @@ def load_config(path: str, config_file: str | None = None):
             return AutoConfig.from_pretrained(config_file), config_file
         except Exception as exc:
             raise RespError(f"--config: cannot read {config_file}: {str(exc).splitlines()[0]}") from None
-    from ..loading import model_source
+    from ..model_source import model_source
 
     source = model_source(path)
     if path in KNOWN_CONFIGS and not __import__("pathlib").Path(path).exists():

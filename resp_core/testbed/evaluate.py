@@ -11,7 +11,8 @@ def load_any(model: str, dtype: str = "float32", device: str | None = None):
     """'testbed', a pruned RESP folder, or a plain transformers folder -> (model, tokenizer)."""
     from transformers import AutoTokenizer
 
-    from ..loading import load_model_and_tokenizer, model_dir
+    from ..loading import load_model_and_tokenizer
+    from ..model_source import model_dir
     from ..model.pruned_model import is_pruned_dir, load_pruned
     from ..recipe import ModelSection
 
