@@ -17,5 +17,5 @@ pip install -q --no-deps --target "$DIR" \
   cbor2 pyzmq openai-harmony openai msgspec pybase64 cachetools uvloop prometheus-client xgrammar \
   "apache-tvm-ffi==0.1.11" fastapi starlette opentelemetry-api opentelemetry-sdk \
   opentelemetry-semantic-conventions opentelemetry-semantic-conventions-ai partial-json-parser \
-  llguidance einops
+  llguidance einops sniffio distro jiter py-cpuinfo
 PYTHONPATH="$DIR" python -c "import vllm; from vllm import LLM, SamplingParams; print('vllm', vllm.__version__, 'imports from', '$DIR')"
