@@ -20,7 +20,7 @@ if not _ON_TERMINAL:
 
     os.environ.setdefault("TQDM_DISABLE", "1")
 
-from . import bench, compare, convert, plan, plugins, run, testbed  # noqa: E402
+from . import bench, compare, convert, plan, plugins, recipes, run, testbed  # noqa: E402
 from .common import app, console, err_console, plugin_app, testbed_app  # noqa: E402
 
 for _command in (run.run, compare.compare, run.report, run.validate, plugins.plugins, bench.bench, plan.plan):
@@ -31,6 +31,9 @@ plugin_app.command("new")(plugins.plugin_new)
 testbed_app.command("train")(testbed.testbed_train)
 testbed_app.command("generic-text")(testbed.testbed_generic_text)
 testbed_app.command("evaluate")(testbed.testbed_evaluate)
+recipes.recipes_app.command("show")(recipes.recipes_show)
+recipes.recipes_app.command("copy")(recipes.recipes_copy)
+app.add_typer(recipes.recipes_app, name="recipes")
 
 __all__ = ["app", "main", "run_app"]
 

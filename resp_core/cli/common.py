@@ -43,12 +43,19 @@ def user_errors(fn):
 
 
 def recipe_document(recipe: Optional[Path]):
-    """The recipe file parsed once (size, encoding, nesting and duplicate keys checked)."""
+    """The recipe file (or, where no such file exists, the shipped recipe of that name) parsed
+    once (size, encoding, nesting and duplicate keys checked)."""
     from ..recipe import decode_recipe_bytes, load_yaml_document, read_recipe_file
 
+    from ..shipped_recipes import shipped_recipe
+
+    shipped = shipped_recipe(str(recipe)) if recipe is not None and not Path(recipe).exists() else None
     if recipe is None:
         source = f"(built-in) {DEFAULT_RECIPE}"
         text = decode_recipe_bytes(resources.files("resp_recipes").joinpath(DEFAULT_RECIPE).read_bytes(), source)
+    elif shipped is not None:  # a shipped recipe's name where no such file exists here
+        source = shipped.source
+        text = decode_recipe_bytes(shipped.data(), source)
     else:
         source = str(recipe)
         text = read_recipe_file(recipe)
