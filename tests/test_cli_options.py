@@ -97,7 +97,7 @@ def test_bound_ends():
 
 
 def test_unknown_options_and_missing_arguments_are_one_line(capsys):
-    for args in (["plan", "placeholder", "--no-such-option"], ["plan"], ["export"]):
+    for args in (["plan", "placeholder", "--no-such-option"], ["plan", "--mfu", "0.5"], ["export", "--format", "masked"]):
         assert run_app(app, args) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("error:"), err
