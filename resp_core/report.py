@@ -7,7 +7,10 @@ Everything here reads the results dict (``results.json``, see :mod:`resp_core.co
 Two confidence intervals, chosen with ``ci``:
 
 * ``seeds`` (default): 95% CI of the mean over sampling seeds (Student t, ``resp_core.stats``);
-  with one seed there is none, and the tables and plot say so instead of drawing a band;
+  with one seed there is none, and the tables and plot say so instead of drawing a band; in a
+  comparison with path seeds, t over the pruning paths' means (each the mean over the
+  evaluation seeds), and the report adds the spread and the paired differences against the
+  reference method (:mod:`resp_core.report_paths`);
 * ``items``: percentile-bootstrap 95% CI over the evaluated items (``scipy.stats.bootstrap``,
   each item's correctness averaged over the seeds), for evaluators that report it
   (``task_accuracy``).
@@ -24,7 +27,9 @@ from pathlib import Path
 from rich.table import Table
 
 from .errors import RespError
-from .metric_keys import SEED_KEY
+from .metric_keys import RAW_METRIC_WORDS, SEED_KEY, is_fraction  # noqa: F401
+from .report_paths import DETERMINISTIC_MARK, ci_words_paths, has_paths, header_lines, metric_sections
+from .report_paths import n_paths as n_paths_of
 from .stats import finite
 
 CI_CHOICES = ("seeds", "items")
@@ -45,15 +50,6 @@ def band(c: dict | None, ci: str = "seeds") -> tuple[float, float] | None:
         return None
     h = c.get("ci95")
     return (c["mean"] - h, c["mean"] + h) if finite(h) else None
-
-
-RAW_METRIC_WORDS = ("perplexity", "bits_per_byte", "loss")
-
-
-def is_fraction(metric: str) -> bool:
-    """Accuracies and other fractions are shown in %; perplexities, bits per byte and losses as
-    they are."""
-    return not any(w in metric for w in RAW_METRIC_WORDS)
 
 
 def format_run_metric(metric: str, value, ci95=None) -> str:
@@ -115,11 +111,12 @@ def _fmt(c: dict | None, ci: str = "seeds", metric: str = "") -> str:
     k = 100 if is_fraction(metric or str(c.get("metric", ""))) else 1
     d = 1 if k == 100 else 3
     b = band(c, ci)
+    mark = f" {DETERMINISTIC_MARK}" if c.get("paths_identical") else ""
     if b is None:
-        return f"{k * c['mean']:.{d}f}"
+        return f"{k * c['mean']:.{d}f}{mark}"
     if ci == "seeds":
-        return f"{k * c['mean']:.{d}f} ± {k * c['ci95']:.{d}f}"
-    return f"{k * c['mean']:.{d}f} [{k * b[0]:.{d}f}, {k * b[1]:.{d}f}]"
+        return f"{k * c['mean']:.{d}f} ± {k * c['ci95']:.{d}f}{mark}"
+    return f"{k * c['mean']:.{d}f} [{k * b[0]:.{d}f}, {k * b[1]:.{d}f}]{mark}"
 
 
 def _pivot(results: dict):
@@ -138,6 +135,8 @@ def ci_words(results: dict, ci: str = "seeds") -> str:
         if any(band(r, "items") for r in rows):
             return "mean [95% bootstrap CI over items]"
         return "no per-item CI reported by the evaluators"
+    if has_paths(results):
+        return ci_words_paths(results)
     n = max((r.get("n_seeds", 0) for r in rows), default=0)
     if n >= 2:
         return f"mean ± 95% CI (Student t) over {n} seeds"
@@ -210,7 +209,8 @@ def render_markdown(results: dict, plot: str | None = None, ci: str = "seeds") -
         f"- default calibration: `{info['calibration']['name']}` {info['calibration'].get('params') or ''}",
         f"- sparsities: {', '.join(f'{s:.0%}' for s in info['sparsities'])} (targets; parameters "
         f"{BASIS_WORDS.get(basis, basis)})",
-        f"- seeds: {info['seeds']}; cells: {ci_words(results, ci)}",
+        *([f"- seeds: {info['seeds']}; cells: {ci_words(results, ci)}"] if not has_paths(results)
+          else header_lines(results, ci_words(results, ci))),
         f"- RESP commit: `{info.get('commit')}`, torch {info.get('torch')}",
         "",
     ]
@@ -231,6 +231,8 @@ def render_markdown(results: dict, plot: str | None = None, ci: str = "seeds") -
         off = [f"{m} {t:.0%}→{s:.1%}" for m, t, s in reached if abs(s - t) >= 0.005]
         if off:
             lines += [f"Reached sparsity differs from the target: {', '.join(off)}.", ""]
+        if has_paths(results):
+            lines += metric_sections(results, methods, targets, cell, metric)
     lines += _sparsity_table(methods, targets, cell, metrics[0] if metrics else None)
     lines.append("## Methods")
     lines.append("")
@@ -242,6 +244,9 @@ def render_markdown(results: dict, plot: str | None = None, ci: str = "seeds") -
     if plot:
         stem = Path(plot).stem
         lines += ["", f"![accuracy vs sparsity]({plot}) (also [{stem}.pdf]({stem}.pdf), [{stem}.svg]({stem}.svg))"]
+        if has_paths(results) and n_paths_of(results) >= 2:
+            lines += ["", f"![paired differences against {results['info']['reference']}](differences.png) (also "
+                      "[differences.pdf](differences.pdf), [differences.svg](differences.svg))"]
     return "\n".join(lines) + "\n"
 
 

@@ -14,10 +14,12 @@ from .common import (CI_OPTION, check_ci, console, default_run_dir, err_console,
 
 
 @user_errors
-def compare(recipe: Path = typer.Argument(..., help="Comparison recipe YAML (methods x sparsities x seeds)."),
+def compare(recipe: Path = typer.Argument(..., help="Comparison recipe YAML (methods x sparsities x path seeds x "
+                                         "evaluation seeds)."),
             out: Optional[Path] = typer.Option(None, "--out", "-o",
                                                help="Comparison folder; an existing one is extended."),
-            seeds: Optional[str] = typer.Option(None, help="Override the recipe's seeds, e.g. '0' or '0,1,2'."),
+            seeds: Optional[str] = typer.Option(None, help="Override the recipe's evaluation seeds, e.g. '0' or "
+                                                "'0,1,2'."),
             ci: str = CI_OPTION,
             as_json: bool = typer.Option(False, "--json", help="Print the results (results.json) on stdout when "
                                          "done (progress goes to stderr)."),
@@ -68,3 +70,7 @@ def compare(recipe: Path = typer.Argument(..., help="Comparison recipe YAML (met
     console.print(rich_table(results, ci))
     console.print(f"results: {folder / 'results.csv'}, {folder / 'results.json'}; report: {folder / 'report.md'}; "
                   f"plot: {folder / 'accuracy.png'} (also .pdf, .svg)")
+    if "differences" in results:
+        console.print(f"paired differences against {results['info']['reference']} (by path seed): "
+                      f"{folder / 'differences.csv'} and the report"
+                      + (f"; plot: {folder / 'differences.png'}" if (folder / "differences.png").is_file() else ""))

@@ -12,8 +12,13 @@ continued by running ``respctl compare`` again on the same folder, with either e
 finished runs are kept; unfinished ones start over on Ray, and continue from their last
 checkpoint with the serial executor.
 
-A path is a pure function of the comparison recipe and its label (seeds included), so the
-serial and the Ray executor give identical results (tests/test_executors.py).
+With ``path_seeds`` every method has one path per path seed (``runs/<method>/path<s>/``, the
+run's ``seed`` = s), each evaluated with the same evaluation seeds; new path seeds extend a
+finished comparison like new methods do.
+
+A path is a pure function of the comparison recipe, its label and its path seed (evaluation
+seeds included), so the serial and the Ray executor give identical results
+(tests/test_executors.py).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from ..errors import RespError, RunFailed
 from ..executors import Job, SerialExecutor
 from ..resolve import resolve
 from ..rundir import RunDir
+from .paths import write_extra_records
 from .results import _per_seed, collect_results, write_results
 from .schema import (CompareMethod, CompareRecipe, check_extension, dense_recipe, method_recipe, method_runs,
                      resolve_compare, saved_compare)
@@ -51,6 +57,10 @@ def _summary(job: dict, result) -> dict:
             "run_dir": str(result.run_dir.path), "rows": len(result.rows)}
 
 
+def _path_words(path_seed: int | None) -> str:
+    return "" if path_seed is None else f", path seed {path_seed}"
+
+
 def run_path(compare_json: dict, protocol: dict, folder: str, job: dict) -> dict:
     """Run one pruning path into ``folder/job['sub']`` from the comparison recipe as JSON (in a
     Ray worker: what an executor that runs elsewhere than here is given)."""
@@ -62,7 +72,7 @@ def run_path(compare_json: dict, protocol: dict, folder: str, job: dict) -> dict
     cmp._protocol = dict(protocol)
     method = next(m for m in cmp.methods if m.label == job["label"])
     reg = get_registry()
-    res = resolve(method_recipe(cmp, method, reg, job["target"], Path(folder)), reg)
+    res = resolve(method_recipe(cmp, method, reg, job["target"], Path(folder), job.get("path_seed")), reg)
     return _summary(job, run_recipe(res, Path(folder) / job["sub"], Progress()))
 
 
@@ -83,6 +93,9 @@ def run_compare(cmp: CompareRecipe, source: str, folder: Path, progress, console
         merged = saved.model_copy(update={
             "methods": saved.methods + [m for m in cmp.methods if m.label not in known],
             "seeds": saved.seeds + [s for s in cmp.seeds if s not in saved.seeds],
+            **({} if saved.path_seeds is None else
+               {"path_seeds": saved.path_seeds + [s for s in cmp.path_seeds if s not in saved.path_seeds]}),
+            "reference": cmp.reference,
         })
         merged._protocol = cmp.protocol()  # mode: paper's record, for the methods run now
     else:
@@ -114,8 +127,8 @@ def run_compare(cmp: CompareRecipe, source: str, folder: Path, progress, console
         _extend_seeds(merged, dense_dir, None, progress, reg)
 
     if executor.in_process:  # here: the recipe as parsed, and this process's progress display
-        def run_one(method: CompareMethod, target: float | None, sub: str) -> dict:
-            res = resolve(method_recipe(merged, method, reg, target, folder), reg)
+        def run_one(method: CompareMethod, target: float | None, sub: str, path_seed: int | None = None) -> dict:
+            res = resolve(method_recipe(merged, method, reg, target, folder, path_seed), reg)
             return _summary({"label": method.label, "target": target, "sub": sub},
                             run_recipe(res, folder / sub, progress))
     else:
@@ -132,32 +145,35 @@ def _paths_to_run(merged: CompareRecipe, resolved_methods, folder: Path, here: b
     """The pruning paths left to run, each prepared as it is taken: a finished run gets its new
     seeds and is skipped; an unfinished one is continued from its last checkpoint when ``here``
     (an executor that runs in this process), else removed and run again.  A job's ``args``:
-    ``(method, target, sub)`` here, else :func:`run_path`'s arguments."""
+    ``(method, target, sub[, path seed])`` here, else :func:`run_path`'s arguments."""
     shipped = None
     for method, _ in resolved_methods:
-        for sub, target in method_runs(merged, method):
+        for sub, target, path_seed in method_runs(merged, method):
             run = folder / sub
             info = run / "run.json"
+            who = method.label if path_seed is None else f"{method.label} (path seed {path_seed})"
             if info.is_file() and json.loads(info.read_text()).get("status") == "finished":
-                _extend_seeds(merged, run, method, progress, reg, target)
+                _extend_seeds(merged, run, method, progress, reg, target, path_seed)
                 continue
-            if run.exists() and here and _continue_unfinished(run, method.label, say, progress):
+            if run.exists() and here and _continue_unfinished(run, who, say, progress):
                 continue
             if run.exists():  # an unfinished run that cannot be continued: start it again
                 shutil.rmtree(run)
             if target is None:
-                say(f"[bold]{method.label}[/]: pruning to {', '.join(f'{s:.0%}' for s in merged.sparsities)}")
+                say(f"[bold]{method.label}[/]: pruning to {', '.join(f'{s:.0%}' for s in merged.sparsities)}"
+                    f"{_path_words(path_seed)}")
             else:
-                say(f"[bold]{method.label}[/]: pruning to {target:.0%} in one shot from the dense model")
+                say(f"[bold]{method.label}[/]: pruning to {target:.0%} in one shot from the dense model"
+                    f"{_path_words(path_seed)}")
             if here:
-                args = (method, target, sub)
+                args = (method, target, sub) + (() if path_seed is None else (path_seed,))
             else:
                 if shipped is None:
                     shipped = (json.loads(json.dumps(merged.model_dump(mode="json", exclude_none=True))),
                                merged.protocol(), str(folder.resolve()))
-                args = (*shipped, {"label": method.label, "target": target, "sub": sub})
-            yield Job(key=sub, name=method.label,
-                      title=f"[bold]{method.label}[/]{'' if target is None else f' ({target:.0%})'}",
+                args = (*shipped, {"label": method.label, "target": target, "sub": sub, "path_seed": path_seed})
+            title = f"[bold]{method.label}[/]{'' if target is None else f' ({target:.0%})'}"
+            yield Job(key=sub, name=method.label, title=title + ("" if path_seed is None else f" path {path_seed}"),
                       args=args, resources=path_resources(merged, method.label))
 
 
@@ -181,8 +197,9 @@ def _continue_unfinished(run: Path, label: str, say, progress) -> bool:
 
 
 def _extend_seeds(cmp: CompareRecipe, run: Path, method: CompareMethod | None, progress, reg,
-                  target: float | None = None) -> None:
-    """Evaluate seeds not yet in a finished run, on its saved milestone models (or the dense model)."""
+                  target: float | None = None, path_seed: int | None = None) -> None:
+    """Evaluate seeds not yet in a finished run, on its saved milestone models (or the dense model).
+    With path seeds, the new seeds' per-item records are kept too (``eval/*.extra.jsonl``)."""
     from ..loading import load_model_and_tokenizer
     from ..model.pruned_model import load_pruned
     from ..pipeline import build_context
@@ -201,14 +218,18 @@ def _extend_seeds(cmp: CompareRecipe, run: Path, method: CompareMethod | None, p
         if not missing:
             continue
         sub = cmp.model_copy(update={"seeds": missing})
-        rec = dense_recipe(sub, reg) if method is None else method_recipe(sub, method, reg, target)
+        rec = dense_recipe(sub, reg) if method is None else method_recipe(sub, method, reg, target,
+                                                                          path_seed=path_seed)
         res = resolve(rec, reg)
         model, tok = load_model_and_tokenizer(cmp.model)
         if method is not None:
             model = load_pruned(run / "models" / f"milestone_{row['target']:.2f}")
         ctx = build_context(res, model, tok, progress, prunable=method is None)
-        for _, ev in res.evaluators:
-            metrics = ev.evaluate(ctx).metrics
-            for metric, per in _per_seed(metrics).items():
+        for i, (name, ev) in enumerate(res.evaluators):
+            result = ev.evaluate(ctx)
+            for metric, per in _per_seed(result.metrics).items():
                 extra.setdefault(key, {}).setdefault(metric, {}).update({str(s): v for s, v in per.items()})
+            if cmp.path_seeds is not None and result.records:
+                label = "dense" if method is None else f"milestone_{row['target']:.2f}"
+                write_extra_records(run / "eval" / f"{label}_{i}_{name}.extra.jsonl", result.records)
         write_json(extra_file, extra)

@@ -1,5 +1,7 @@
 """A comparison's results: rows (method x sparsity x metric: mean, 95% CI, per-seed values) from
-its finished runs, written as results.json / results.csv, report.md and the plot."""
+its finished runs, written as results.json / results.csv, report.md and the plot.  With path
+seeds, the rows are over pruning paths and come with paired differences against the reference
+method (:mod:`.paths`; also differences.csv and, with several path seeds, differences.png)."""
 
 from __future__ import annotations
 
@@ -8,23 +10,10 @@ import json
 from pathlib import Path
 
 from ..atomic_io import atomic_write_text, write_json
-from ..metric_keys import parse_seed_key
 from ..stats import ci95_halfwidth, json_safe, mean
+from .paths import collect_method, dense_row, item_tables, paired_differences, summarise
+from .paths import per_seed_values as _per_seed
 from .schema import method_runs, saved_compare
-
-
-def _per_seed(metrics: dict) -> dict[str, dict[int, float]]:
-    out: dict[str, dict[int, float]] = {}
-    for k, v in metrics.items():
-        parsed = parse_seed_key(k)
-        if parsed:
-            metric, seed = parsed
-            out.setdefault(metric, {})[seed] = float(v)
-    if not out:
-        for k, v in metrics.items():
-            if k.endswith("/accuracy"):
-                out[k] = {-1: float(v)}
-    return out
 
 
 def collect_results(folder: Path) -> dict:
@@ -49,6 +38,8 @@ def collect_results(folder: Path) -> dict:
                                if f"{metric}_items_ci95_low" in row else None),
             })
 
+    if cmp.path_seeds is not None:
+        return _collect_paths(folder, cmp)
     dense_file = folder / "dense" / "metrics.json"
     if dense_file.is_file():
         dense_rows = json.loads(dense_file.read_text())
@@ -56,7 +47,7 @@ def collect_results(folder: Path) -> dict:
         for r in dense_rows[:1]:
             add("dense", r, {k: {int(s): v for s, v in d.items()} for k, d in extra.get("0.00", {}).items()})
     for m in cmp.methods:
-        for sub, _ in method_runs(cmp, m):
+        for sub, _, _ in method_runs(cmp, m):
             run = folder / sub
             if not (run / "run.json").is_file() or json.loads((run / "run.json").read_text()).get("status") != "finished":
                 continue
@@ -64,26 +55,71 @@ def collect_results(folder: Path) -> dict:
             for r in json.loads((run / "metrics.json").read_text()):
                 extra = extra_all.get(f"{r['target']:.2f}", {})
                 add(m.label, r, {k: {int(s): v for s, v in d.items()} for k, d in extra.items()})
+    return {"info": _info(folder, cmp), "rows": rows}
+
+
+def _info(folder: Path, cmp, extra: dict | None = None) -> dict:
     info = {
         "name": cmp.name, "model": cmp.model.path, "task": cmp.task.model_dump(), "seeds": cmp.seeds,
+        **(extra or {}),
         "sparsities": cmp.sparsities, "structures": cmp.structures.model_dump(),
         "calibration": cmp.calibration.model_dump(),
         "methods": [m.model_dump(exclude_none=True) for m in cmp.methods],
     }
-    for run_json in sorted(folder.glob("runs/*/run.json")) + sorted(folder.glob("runs/*/*/run.json")):
+    found = sorted(folder.glob("runs/*/run.json")) + sorted(folder.glob("runs/*/*/run.json"))
+    if cmp.path_seeds is not None:
+        found += sorted(folder.glob("runs/*/*/*/run.json"))
+    for run_json in found:
         meta = json.loads(run_json.read_text())
         info.setdefault("commit", meta.get("commit"))
         info.setdefault("model_fingerprint", meta.get("model_fingerprint"))
         info.setdefault("torch", meta.get("torch"))
-    return {"info": info, "rows": rows}
+    return info
+
+
+def _collect_paths(folder: Path, cmp) -> dict:
+    """Rows over pruning paths (one per method x sparsity x metric) and the paired differences."""
+    rows = []
+    dense = folder / "dense"
+    if (dense / "metrics.json").is_file():
+        extra = json.loads((dense / "extra_seeds.json").read_text()) if (dense / "extra_seeds.json").is_file() else {}
+        for r in json.loads((dense / "metrics.json").read_text())[:1]:
+            values = _per_seed(r)
+            for metric, more in extra.get("0.00", {}).items():
+                values.setdefault(metric, {}).update({int(s): v for s, v in more.items()})
+            tables = item_tables(dense, "dense")
+            rows += [dense_row(r, metric, per, tables) for metric, per in values.items()]
+    for m in cmp.methods:
+        cells = collect_method(folder, method_runs(cmp, m))
+        rows += [summarise(m.label, target, metric, cell) for (target, metric), cell in sorted(cells.items())]
+    reference = cmp.reference_label()
+    info = _info(folder, cmp, {"path_seeds": cmp.path_seeds, "reference": reference})
+    # methods whose paths all gave identical masks: their spread is over evaluation seeds only
+    info["deterministic"] = [m.label for m in cmp.methods if (own := [r for r in rows if r["method"] == m.label])
+                             and all(r["paths_identical"] for r in own)]
+    return {"info": info, "rows": rows, "differences": paired_differences(rows, reference)}
 
 
 def write_results(folder: Path, results: dict, ci: str = "seeds") -> None:
     """results.json, results.csv, report.md and the plot (PNG, PDF, SVG); ``ci``: which 95% CI
     the report and plot show (``seeds`` or ``items``, see :mod:`resp_core.report`)."""
+    write_json(folder / "results.json", json_safe(results))  # valid JSON: null, never NaN
+    if "differences" in results:
+        _write_path_csv(folder, results)
+    else:
+        _write_csv(folder, results)
+    from ..report import render_markdown, render_plot
+    from ..report_paths import n_paths, render_difference_plot
+
+    render_plot(results, folder / "accuracy.png", ci=ci)
+    if "differences" in results and n_paths(results) >= 2:
+        render_difference_plot(results, folder / "differences.png")
+    atomic_write_text(folder / "report.md", render_markdown(results, plot="accuracy.png", ci=ci))
+
+
+def _write_csv(folder: Path, results: dict) -> None:
     import csv
 
-    write_json(folder / "results.json", json_safe(results))  # valid JSON: null, never NaN
     fh = io.StringIO(newline="")
     w = csv.writer(fh)
     w.writerow(["method", "target", "sparsity", "sparsity_prunable_blocks", "sparsity_all_blocks", "parameters",
@@ -94,7 +130,38 @@ def write_results(folder: Path, results: dict, ci: str = "seeds") -> None:
                     "" if r["ci95"] != r["ci95"] else f"{r['ci95']:.6f}", r["n_seeds"],
                     ";".join(f"{k}:{v:.4f}" for k, v in r["per_seed"].items())])
     atomic_write_text(folder / "results.csv", fh.getvalue())
-    from ..report import render_markdown, render_plot
 
-    render_plot(results, folder / "accuracy.png", ci=ci)
-    atomic_write_text(folder / "report.md", render_markdown(results, plot="accuracy.png", ci=ci))
+
+def _num(v, fmt: str = ".6f") -> str:
+    return "" if v is None or v != v else format(v, fmt)
+
+
+def _write_path_csv(folder: Path, results: dict) -> None:
+    """results.csv over pruning paths (``per_path``: ``<path seed>/<evaluation seed>:<value>``,
+    the dense model's path ``dense``) and differences.csv (one row per paired difference)."""
+    import csv
+
+    fh = io.StringIO(newline="")
+    w = csv.writer(fh)
+    w.writerow(["method", "target", "sparsity", "sparsity_prunable_blocks", "sparsity_all_blocks", "parameters",
+                "metric", "mean", "ci95", "ci_over", "n_paths", "n_seeds", "sd_between_paths", "sd_within_paths",
+                "paths_identical", "per_path"])
+    for r in results["rows"]:
+        per_path = r.get("per_path") or {"dense": r.get("per_seed") or {}}
+        w.writerow([r["method"], r["target"], r["sparsity"], r.get("sparsity_prunable_blocks"),
+                    r.get("sparsity_all_blocks"), r["parameters"], r["metric"], _num(r["mean"]), _num(r["ci95"]),
+                    r["ci_over"], "" if r.get("n_paths") is None else r["n_paths"], r["n_seeds"],
+                    _num(r.get("sd_between_paths")), _num(r.get("sd_within_paths")),
+                    "" if r.get("paths_identical") is None else r["paths_identical"],
+                    ";".join(f"{p}/{s}:{v:.4f}" for p, per in per_path.items() for s, v in per.items())])
+    atomic_write_text(folder / "results.csv", fh.getvalue())
+    fh = io.StringIO(newline="")
+    w = csv.writer(fh)
+    w.writerow(["method", "reference", "target", "metric", "n_paths", "mean_difference", "ci95_low", "ci95_high",
+                "excludes_zero", "sd_difference", "mde", "note", "per_path"])
+    for d in results["differences"]:
+        w.writerow([d["method"], d["reference"], d["target"], d["metric"], d["n_paths"], _num(d["mean"]),
+                    _num(d["ci95_low"]), _num(d["ci95_high"]), "" if d["excludes_zero"] is None else d["excludes_zero"],
+                    _num(d["sd"]), _num(d["mde"]), d["note"] or "",
+                    ";".join(f"{p}:{v:.4f}" for p, v in d["per_path"].items())])
+    atomic_write_text(folder / "differences.csv", fh.getvalue())

@@ -46,9 +46,13 @@ class CompareMethod(_Strict):
 class CompareRecipe(SharedSections):
     sparsities: list[float]
     steps: int = Field(8, ge=1)  # equal pruning steps up to the largest sparsity (plus every milestone)
-    seeds: list[Seed] = Field(default_factory=lambda: [0])
+    seeds: list[Seed] = Field(default_factory=lambda: [0])  # evaluation seeds (sampling), nested in every path
+    # path seeds: one pruning path per seed and method (the run's `seed`: calibration draw, traces,
+    # regeneration); unset: one path per method with the recipe's `seed`, in runs/<method>/
+    path_seeds: list[Seed] | None = None
     evaluators: list[PluginRef]
     methods: list[CompareMethod]
+    reference: str | None = None  # the method every other is paired against (default: the first)
     output: OutputSection = Field(default_factory=OutputSection)
 
     @field_validator("sparsities")
@@ -89,7 +93,21 @@ class CompareRecipe(SharedSections):
             raise ValueError("list at least one method")
         if not self.seeds:
             raise ValueError("give at least one seed")
+        if self.path_seeds is not None:
+            if not self.path_seeds:
+                raise ValueError("path_seeds: give at least one path seed (or leave path_seeds out: one path per "
+                                 "method with the recipe's seed)")
+            if len(set(self.path_seeds)) != len(self.path_seeds):
+                raise ValueError(f"path_seeds must be unique, got {self.path_seeds}")
+        if self.reference is not None and self.path_seeds is None:
+            raise ValueError("reference: paired differences are taken over path seeds; give path_seeds too")
+        if self.reference is not None and self.reference not in labels:
+            raise ValueError(f"reference: {self.reference!r} is not a method label (one of {', '.join(labels)})")
         return self
+
+    def reference_label(self) -> str:
+        """The method the paired differences are taken against."""
+        return self.reference if self.reference is not None else self.methods[0].label
 
 
 SCHEDULES = ("progressive", "oneshot")
@@ -99,11 +117,24 @@ def is_oneshot(method: CompareMethod) -> bool:
     return method.schedule.get("name") == "oneshot"
 
 
-def method_runs(cmp: "CompareRecipe", method: CompareMethod) -> list[tuple[str, float | None]]:
-    """(run folder relative to the comparison folder, one-shot target or None) of a method."""
-    if is_oneshot(method):
-        return [(f"runs/{slug(method.label)}/{s:.2f}", s) for s in cmp.sparsities]
-    return [(f"runs/{slug(method.label)}", None)]
+def run_folder(label: str, target: float | None = None, path_seed: int | None = None) -> str:
+    """A run folder, relative to the comparison folder: ``runs/<slug>[/path<s>][/<target>]``."""
+    sub = f"runs/{slug(label)}"
+    if path_seed is not None:
+        sub += f"/path{path_seed}"
+    return sub if target is None else f"{sub}/{target:.2f}"
+
+
+def path_seed_list(cmp: "CompareRecipe") -> list[int | None]:
+    """The path seeds of a comparison; ``[None]``: one path per method with the recipe's seed."""
+    return [None] if cmp.path_seeds is None else list(cmp.path_seeds)
+
+
+def method_runs(cmp: "CompareRecipe", method: CompareMethod) -> list[tuple[str, float | None, int | None]]:
+    """(run folder relative to the comparison folder, one-shot target or None, path seed or None)
+    of every run of a method, path by path."""
+    targets = list(cmp.sparsities) if is_oneshot(method) else [None]
+    return [(run_folder(method.label, t, p), t, p) for p in path_seed_list(cmp) for t in targets]
 
 
 def slug(label: str) -> str:
@@ -139,16 +170,18 @@ def _evaluators_with_seeds(cmp: CompareRecipe, registry) -> list[PluginRef]:
     return out
 
 
-def init_from_path(cmp: CompareRecipe, method: CompareMethod, folder: Path | None) -> str | None:
+def init_from_path(cmp: CompareRecipe, method: CompareMethod, folder: Path | None,
+                   path_seed: int | None = None) -> str | None:
     """The mask file ``method`` starts from; None when it starts dense, or when it is an earlier
-    method's milestone and no comparison folder is given (validation, before that method ran)."""
+    method's milestone and no comparison folder is given (validation, before that method ran).
+    An earlier method's milestone is taken from that method's path with the same path seed."""
     ref = method.init_from
     if ref is None or isinstance(ref, str):
         return ref
     if folder is None:
         return None
     source = next(m for m in cmp.methods if m.label == ref.method)
-    run = f"runs/{slug(source.label)}" + (f"/{ref.milestone:.2f}" if is_oneshot(source) else "")
+    run = run_folder(source.label, ref.milestone if is_oneshot(source) else None, path_seed)
     return str(folder / run / "masks" / f"milestone_{ref.milestone:.2f}.safetensors")
 
 
@@ -163,10 +196,11 @@ def _method_protocol(cmp: CompareRecipe, method: CompareMethod) -> dict:
 
 
 def method_recipe(cmp: CompareRecipe, method: CompareMethod, registry, target: float | None = None,
-                  folder: Path | None = None) -> Recipe:
+                  folder: Path | None = None, path_seed: int | None = None) -> Recipe:
     """The run recipe of ``method``; for a one-shot method, its run at ``target`` (default: the
-    largest sparsity).  ``folder``: the comparison folder (to find an earlier method's mask)."""
-    name = f"{cmp.name}-{slug(method.label)}"
+    largest sparsity).  ``folder``: the comparison folder (to find an earlier method's mask).
+    ``path_seed``: the run's seed (calibration draw, traces, regeneration); default: the recipe's."""
+    name = f"{cmp.name}-{slug(method.label)}" + ("" if path_seed is None else f"-path{path_seed}")
     if is_oneshot(method):
         target = cmp.sparsities[-1] if target is None else target
         schedule_ref = PluginRef(name="oneshot", params={"target": target})
@@ -179,7 +213,8 @@ def method_recipe(cmp: CompareRecipe, method: CompareMethod, registry, target: f
             schedule.pop("steps")
         schedule_ref = PluginRef(name="progressive", params=schedule)
     recipe = Recipe(
-        name=name, seed=cmp.seed, mode=cmp.mode, init_from=init_from_path(cmp, method, folder),
+        name=name, seed=cmp.seed if path_seed is None else path_seed, mode=cmp.mode,
+        init_from=init_from_path(cmp, method, folder, path_seed),
         model=cmp.model, task=cmp.task,
         structures=cmp.structures, generator=cmp.generator, calibration=method.calibration or cmp.calibration,
         scorer=method.scorer, allocator=method.allocator or PluginRef(name="global"),
@@ -257,3 +292,9 @@ def check_extension(folder: Path, cmp: CompareRecipe) -> None:
             if m_old.label == m_new.label and canonical(m_old) != canonical(m_new):
                 raise RespError(f"{folder}: method {m_old.label!r} is already in this comparison with other "
                                 "settings; give the new one another label")
+    if (saved.path_seeds is None) != (cmp.path_seeds is None):
+        raise RespError(f"{folder}: this comparison was made {'without' if saved.path_seeds is None else 'with'} "
+                        "path_seeds (its runs are laid out "
+                        f"{'one path per method' if saved.path_seeds is None else 'one folder per path seed'}); "
+                        "extend it only with new methods, evaluation seeds or path seeds in the same layout "
+                        "(nothing was changed)")
