@@ -19,10 +19,10 @@ def parse_seed_key(key: str) -> tuple[str, int] | None:
     return (m.group("metric"), int(m.group("seed"))) if m else None
 
 
-RAW_METRIC_WORDS = ("perplexity", "bits_per_byte", "loss")
+RAW_METRIC_WORDS = ("perplexity", "bits_per_byte", "loss", "tokens")
 
 
 def is_fraction(metric: str) -> bool:
-    """Accuracies and other fractions are shown in %; perplexities, bits per byte and losses as
-    they are."""
+    """Accuracies and other fractions are shown in %; perplexities, bits per byte, losses and
+    token counts (answer lengths) as they are."""
     return not any(w in metric for w in RAW_METRIC_WORDS)

@@ -92,11 +92,21 @@ def results_table(rows: list[dict], title: str, metrics: list[str] | None = None
     table.add_column("parameters", justify="right")
     for k in metric_keys:
         table.add_column(k.replace("/", " "), justify="right")
+    # answer length of each task with a main metric (task_accuracy): mean / median tokens, share cut
+    lengths = [t for t in dict.fromkeys(k.split("/", 1)[0] for k in metric_keys)
+               if any(f"{t}/median_tokens" in r for r in rows)]
+    for t in lengths:
+        table.add_column(f"{t} tokens mean / median", justify="right")
+        table.add_column(f"{t} at token limit", justify="right")
     table.add_column("traces correct", justify="right")
     for r in rows:
         cells = [str(r.get("step", "")), f"{r['sparsity']:.1%}", f"{r['parameters'] / 1e6:.3f}M"]
         for k in metric_keys:
             cells.append(format_run_metric(k, r.get(k), r.get(f"{k}_ci95")))
+        for t in lengths:
+            mean_t, median_t, cut = r.get(f"{t}/mean_tokens"), r.get(f"{t}/median_tokens"), r.get(f"{t}/at_token_limit")
+            cells.append("" if mean_t is None else f"{mean_t:.1f} / {median_t:g}")
+            cells.append("" if cut is None else f"{cut:.1%}")
         c = r.get("calibration_correct_fraction")
         cells.append("" if c is None else f"{c:.1%}")
         table.add_row(*cells)
@@ -316,7 +326,8 @@ def render_plot(results: dict, path: Path, ci: str = "seeds") -> list[Path]:
                 ax.set_ylim(-2, 102)
             else:
                 ax.set_ylabel(metric.rsplit("/", 1)[-1].replace("_", " "))
-                ax.set_yscale("log")
+                if "tokens" not in metric:  # perplexities span orders of magnitude; answer lengths do not
+                    ax.set_yscale("log")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         title = results["info"]["name"]

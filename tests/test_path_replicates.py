@@ -161,7 +161,7 @@ def test_path_seeds_replicate_paths_and_extend_like_an_uncut_comparison(tmp_path
     assert mag[0].read_bytes() == mag[1].read_bytes()
     assert res["info"]["path_seeds"] == [0, 1] and res["info"]["reference"] == "GISP"
     assert res["info"]["deterministic"] == ["magnitude"]
-    rows = {(r["method"], r["target"]): r for r in res["rows"]}
+    rows = {(r["method"], r["target"]): r for r in res["rows"] if r["metric"].endswith("/accuracy")}
     assert rows[("magnitude", 0.4)]["paths_identical"] is True
     g = rows[("GISP", 0.4)]
     assert g["n_paths"] == 2 and g["paths_identical"] is False and g["ci_over"] == "path means"
@@ -198,7 +198,7 @@ def test_path_seeds_replicate_paths_and_extend_like_an_uncut_comparison(tmp_path
 
     # a new evaluation seed on every finished path, its per-item records kept
     more = _compare(tmp_path, _recipe(tiny_model_dir, seeds=(0, 1)), cut, "more.yaml")
-    g2 = {(r["method"], r["target"]): r for r in more["rows"]}[("GISP", 0.4)]
+    g2 = {(r["method"], r["target"]): r for r in more["rows"] if r["metric"].endswith("/accuracy")}[("GISP", 0.4)]
     assert g2["n_seeds"] == 2 and g2["per_path"]["0"]["0"] == g["per_path"]["0"]["0"]
     assert set(g2["per_item"]["per_path"]["1"]) == {"0", "1"}
     assert (cut / "runs" / "gisp" / "path1" / "eval" / "milestone_0.40_0_task_accuracy.extra.jsonl").is_file()
@@ -264,6 +264,6 @@ def test_oneshot_and_init_from_follow_their_own_path_seed(tmp_path, tiny_model_d
         recipe = yaml.safe_load((out / "runs" / "gisp-from-wanda" / f"path{s}" / "recipe.yaml").read_text())
         assert recipe["seed"] == s
         assert recipe["init_from"].endswith(f"runs/wanda/path{s}/0.20/masks/milestone_0.20.safetensors")
-    rows = {(r["method"], r["target"]): r for r in res["rows"]}
+    rows = {(r["method"], r["target"]): r for r in res["rows"] if r["metric"].endswith("/accuracy")}
     assert rows[("Wanda", 0.2)]["n_paths"] == 2 and rows[("Wanda", 0.4)]["n_paths"] == 2
     assert {d["method"] for d in res["differences"]} == {"GISP from Wanda"}  # against the first method

@@ -4,11 +4,15 @@ Generates with the run's generation backend (thinking mode, temperature 0.6 by d
 paper evaluates) and checks each completion with the task's own answer extraction.
 
 Metrics: ``<task>/accuracy`` (the main metric; mean over seeds), ``<task>/accuracy@seed<s>`` per
-sampling seed, ``<task>/accuracy_ci95`` with several seeds, ``<task>/finished`` and
-``<task>/mean_tokens``.  :func:`measure` is the one loop; ``respctl testbed evaluate`` uses it too.
+sampling seed, ``<task>/accuracy_ci95`` with several seeds, ``<task>/finished``, and the
+answer length: ``<task>/mean_tokens`` (also per seed, ``<task>/mean_tokens@seed<s>``, so that
+comparisons replicate it over paths like the accuracy), ``<task>/median_tokens`` and
+``<task>/at_token_limit`` (the share of answers cut by ``max_new_tokens``).  :func:`measure` is the one loop; ``respctl testbed evaluate`` uses it too.
 """
 
 from __future__ import annotations
+
+import statistics
 
 from pydantic import Field
 
@@ -40,10 +44,14 @@ def measure(task: Task, generator: Generator, split: str, num_items: int | None,
         accuracies.append(correct / max(1, len(items)))
     n = max(1, len(records))
     name = task.name
+    tokens = sorted(r["tokens"] for r in records)
     metrics = {
         f"{name}/accuracy": sum(accuracies) / len(accuracies),
         f"{name}/finished": sum(r["finished"] for r in records) / n,
-        f"{name}/mean_tokens": sum(r["tokens"] for r in records) / n,
+        f"{name}/mean_tokens": sum(tokens) / n,
+        # answer length: what a pruned reasoning model that rambles costs at decode time
+        f"{name}/median_tokens": statistics.median(tokens) if tokens else float("nan"),
+        f"{name}/at_token_limit": sum(not r["finished"] for r in records) / n,
     }
     if ci:
         metrics[f"{name}/accuracy_ci95"] = ci95_halfwidth(accuracies)
@@ -56,6 +64,8 @@ def measure(task: Task, generator: Generator, split: str, num_items: int | None,
     metrics[f"{name}/accuracy_items_ci95_high"] = high
     for seed, acc in zip(seeds, accuracies):
         metrics[seed_key(f"{name}/accuracy", seed)] = acc
+        seed_tokens = [r["tokens"] for r in records if r["seed"] == seed]
+        metrics[seed_key(f"{name}/mean_tokens", seed)] = sum(seed_tokens) / max(1, len(seed_tokens))
     return EvalResult(metrics, records)
 
 
