@@ -13,7 +13,7 @@
     compact, check against the masked model, save
 
 Everything is recorded in the run folder as it happens, through the atomic writers of
-:mod:`resp_core.rundir`.
+:mod:`resp_core.atomic_io`.
 
 **Resume.**  After step 0 (dense evaluation and the first calibration generation) and after every
 step, a checkpoint ``resume/step_XX.json`` (:mod:`resp_core.checkpoint`) records what the next step depends on: the mask

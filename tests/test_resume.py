@@ -3,7 +3,7 @@ write failures, and an interrupted comparison that recomputes only its unfinishe
 
 Each run here happens in a forked child process with one torch thread (the parent has already
 imported torch and transformers, so a run costs only its own work): the child can be killed for
-real (``RESP_TEST_KILL_AT``, the test hook in :mod:`resp_core.rundir`), and every run of a test
+real (``RESP_TEST_KILL_AT``, the test hook in :mod:`resp_core.atomic_io`), and every run of a test
 uses the same thread count, which float reductions depend on.
 """
 
