@@ -19,6 +19,7 @@ setting                               authors' value                 where
 Taylor ``reduction`` (resp, gisp)     ``sample_mean``                ``non_uniform_pruner.py`` ``fill_information``
 gisp ``loss``                         ``decode`` (gold-thinking)     ``configs/section5/main/gisp_gsm8k.yaml``
 task_data                             thinking prompt, gold + EOS    ``data_prune_ds.py`` ``get_gsm8k_model_output_sample``
+self_generated regenerated count      ``ceil(n * rho)``              ``data_refresh_GISP.py`` ``update_data``
 gsm8k task (calibration prompt)       the bare question              same (``build_prompt(question)``)
 mathqa task (calibration prompt)      ``Question/Options/Answer:``   ``get_mathqa_model_output_sample``
 wanda_sp                              sequential, uniform, one shot  ``wanda_sp.py`` ``baseline_uniform_wanda``
@@ -48,6 +49,7 @@ PLUGIN_PARAMS: dict[tuple[str, str], dict[str, Any]] = {
     ("scorer", "gisp"): {"reduction": "sample_mean", "loss": "decode"},
     ("scorer", "wanda_sp"): {"sequential": True},
     ("calibration", "task_data"): {"format": "chat", "enable_thinking": True},
+    ("calibration", "self_generated"): {"regenerate_rounding": "ceil"},
     ("task", "gsm8k"): {"prompt_suffix": "", "reference_annotations": "keep"},
     ("task", "mathqa"): {"prompt_format": "paper"},
     # their Qwen3-8B runs: ratio 0.7 in 112 linspace points (0.7 / 111 = 0.0063 per step),

@@ -4,6 +4,7 @@ sequential statistics and packed windows, one-shot-per-target comparisons, ``ini
 
 from __future__ import annotations
 
+import math
 import torch
 
 from resp_core.interfaces import CalibrationSample, CalibrationSet, Progress, RunContext
@@ -577,3 +578,16 @@ def test_mathqa_paper_prompt_and_reference():
     ours = MathQA()
     ours._rows["train"] = [row]
     assert ours.items("train", 1, 0)[0].reference == "2 + 2 = 4 answer : b\n#### b"
+
+
+def test_regenerated_trace_count_rounds_or_takes_the_authors_ceiling():
+    """rho of n traces: the nearest count by default, ``ceil(n * rho)`` as the authors' update_data
+    computes it (uncc-efficient-ai/RESP data_refresh_GISP.py); paper mode sets the ceiling."""
+    from resp_core.paper import PLUGIN_PARAMS
+    from resp_plugins.calibration.self_generated import regenerated_count
+
+    assert regenerated_count(0.6, 64) == 38 and regenerated_count(0.6, 64, "ceil") == 39
+    assert regenerated_count(0.5, 64, "ceil") == 32 and regenerated_count(1.0, 64, "ceil") == 64
+    assert regenerated_count(0.0, 64, "ceil") == 0 and regenerated_count(0.01, 10, "ceil") == 1
+    assert [regenerated_count(r, 10, "ceil") for r in (0.1, 0.2, 0.3)] == [math.ceil(10 * r) for r in (0.1, 0.2, 0.3)]
+    assert PLUGIN_PARAMS[("calibration", "self_generated")] == {"regenerate_rounding": "ceil"}

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -60,6 +62,12 @@ class SamplingSettings(Params):
                               enable_thinking=self.enable_thinking, seed=seed)
 
 
+def regenerated_count(fraction: float, n: int, rounding: str = "round") -> int:
+    """How many of ``n`` traces a regeneration of ``fraction`` replaces (see
+    ``SelfGenerated.Params.regenerate_rounding``)."""
+    return min(n, math.ceil(n * fraction)) if rounding == "ceil" else int(round(fraction * n))  # their order: n * rho
+
+
 class SelfGenerated(CalibrationSource):
     """The model's own sampled reasoning traces on task prompts (decode tokens as targets)."""
 
@@ -74,6 +82,11 @@ class SelfGenerated(CalibrationSource):
         require_correct: bool = False
         max_attempts: int = Field(4, ge=1, le=100)
         cache_dir: str | None = None
+        # how many traces a fraction rho of n regenerates: "round" (the nearest count, RESP's) or
+        # "ceil" (the authors': uncc-efficient-ai/RESP resp/pruners/data_refresh_GISP.py
+        # data_refresh_GISP.update_data, math.ceil(len(data) * refresh_ratio)); rho = 0.6 of 64:
+        # 38 or 39
+        regenerate_rounding: Literal["round", "ceil"] = "round"
 
     def __init__(self, params: "SelfGenerated.Params | None" = None):
         self.params = params or self.Params()
@@ -211,7 +224,7 @@ class SelfGenerated(CalibrationSource):
 
     def regenerate(self, ctx: RunContext, samples: list[CalibrationSample], fraction: float) -> list[CalibrationSample]:
         n = len(samples)
-        k = int(round(fraction * n))
+        k = regenerated_count(fraction, n, self.params.regenerate_rounding)
         if k == 0:
             return samples
         rng = random.Random(ctx.seed * 7919 + self._generation)
