@@ -16,6 +16,7 @@ setting                               authors' value                 where
 ``structures.attention``              ``q_head``                     ``data_refresh_GISP.py`` ``prune_oneshot``
 ``structures.sparsity_basis``         ``all_blocks``                 ``non_uniform_pruner.py`` ``check_sparsity``
 ``structures.protect_rounding``       ``floor``                      ``prune_oneshot``: ``int(len(layers) * 0.1)``
+``structures.min_keep``               ``0`` (no per-layer floor)     ``prune_oneshot``: one ``kthvalue`` threshold
 Taylor ``reduction`` (resp, gisp)     ``sample_mean``                ``non_uniform_pruner.py`` ``fill_information``
 gisp ``loss``                         ``decode`` (gold-thinking)     ``configs/section5/main/gisp_gsm8k.yaml``
 task_data                             thinking prompt, gold + EOS    ``data_prune_ds.py`` ``get_gsm8k_model_output_sample``
@@ -42,7 +43,7 @@ from typing import Any
 
 # --- the table ------------------------------------------------------------------------------------
 
-STRUCTURES = {"attention": "q_head", "sparsity_basis": "all_blocks", "protect_rounding": "floor"}
+STRUCTURES = {"attention": "q_head", "sparsity_basis": "all_blocks", "protect_rounding": "floor", "min_keep": 0}
 
 PLUGIN_PARAMS: dict[tuple[str, str], dict[str, Any]] = {
     ("scorer", "resp"): {"reduction": "sample_mean"},
