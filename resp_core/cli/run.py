@@ -115,7 +115,9 @@ def validate(recipe: Path = typer.Argument(..., help="Recipe YAML to check."),
         cmp = parse_compare(data, source)
         resolve_compare(cmp, source, portable=portable)
         console.print(f"[green]ok[/] {source}: comparison {cmp.name}; {len(cmp.methods)} methods at "
-                      f"{[f'{s:.0%}' for s in cmp.sparsities]}, seeds {cmp.seeds}")
+                      f"{[f'{s:.0%}' for s in cmp.sparsities]}, "
+                      + (f"path seeds {cmp.path_seeds}, evaluation seeds {cmp.seeds}" if cmp.path_seeds
+                         else f"seeds {cmp.seeds}"))
         protocol_line(cmp)
         return
     if portable:
