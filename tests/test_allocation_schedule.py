@@ -10,8 +10,8 @@ import torch
 from pydantic import ValidationError
 
 from conftest import tiny_qwen3
-from plugins.allocators.global_rank import GlobalRank, UniformPerLayer, allocate_per_layer, global_allocate
-from plugins.schedules.progressive import OneShot, Progressive
+from resp_plugins.allocators.global_rank import GlobalRank, UniformPerLayer, allocate_per_layer, global_allocate
+from resp_plugins.schedules.progressive import OneShot, Progressive
 from resp_core.errors import RespError
 from resp_core.interfaces import Scores, Step
 from resp_core.model.adapter import Geometry, adapter_for

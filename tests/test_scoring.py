@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import tiny_qwen3
-from plugins.scorers.taylor import GISPScorer, TaylorScorer
+from resp_plugins.scorers.taylor import GISPScorer, TaylorScorer
 from resp_core.interfaces import CalibrationSample, CalibrationSet, Progress, RunContext
 from resp_core.model.adapter import adapter_for
 from resp_core.model.structures import StructureSpec, build_structures, unit_costs
