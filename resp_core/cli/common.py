@@ -7,7 +7,6 @@ import functools
 import json
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Optional
 
@@ -28,8 +27,6 @@ app.add_typer(plugin_app, name="plugin")
 console = make_console()
 err_console = make_console(stderr=True)
 
-DEFAULT_RECIPE = "testbed-resp.yaml"
-
 
 def user_errors(fn):
     @functools.wraps(fn)
@@ -46,14 +43,13 @@ def recipe_document(recipe: Optional[Path]):
     """The recipe file (or, where no such file exists, the shipped recipe of that name) parsed
     once (size, encoding, nesting and duplicate keys checked)."""
     from ..recipe import decode_recipe_bytes, load_yaml_document, read_recipe_file
+    from ..shipped_recipes import DEFAULT, require_shipped, shipped_recipe
 
-    from ..shipped_recipes import shipped_recipe
-
-    shipped = shipped_recipe(str(recipe)) if recipe is not None and not Path(recipe).exists() else None
-    if recipe is None:
-        source = f"(built-in) {DEFAULT_RECIPE}"
-        text = decode_recipe_bytes(resources.files("resp_recipes").joinpath(DEFAULT_RECIPE).read_bytes(), source)
-    elif shipped is not None:  # a shipped recipe's name where no such file exists here
+    if recipe is None:  # the demo
+        shipped = require_shipped(DEFAULT)
+    else:  # a shipped recipe's name only where no such file exists here
+        shipped = shipped_recipe(str(recipe)) if not Path(recipe).exists() else None
+    if shipped is not None:
         source = shipped.source
         text = decode_recipe_bytes(shipped.data(), source)
     else:
