@@ -31,13 +31,17 @@ Any other lm-eval task name works too (lm-eval's built-in tasks are indexed only
 Judging, optional (:mod:`.lm_eval_judge`): ``llm_judge`` is the authors' lenient true/false LLM
 judge (their ``modules/eval/answer_extract_gsm8k.py`` / ``answer_extract_mathqa.py``,
 ``ask_true_false``): a local model, through a generation backend, is shown the target and the
-response and answers ``ANSWER: true/false``; ``judge_accuracy`` is the fraction judged true.
+response and answers ``ANSWER: true/false``; ``judge_accuracy`` is the fraction judged true and
+``judge_regex_agreement`` the fraction where the verdict equals the task's own per-item score (its
+main metric without a judge).  The judge's folder, device and dtype are checked by
+``respctl validate`` (:meth:`LmEvalHarness.check_recipe`), before any model loads.
 ``llm_extractor`` (RESP's) asks a local model for the final answer and reports its agreement with
 the regex extraction.
 
 Metrics (row keys): ``<task>/<metric>`` or ``<task>/<metric>/<filter>`` (e.g.
 ``resp_gsm8k_cot_paper/exact_match/strict-match``), its standard error under ``…/stderr``,
-``<task>/n``, ``<task>/finished``, ``<task>/mean_tokens``, ``<task>/judge_accuracy``.  One main
+``<task>/n``, ``<task>/finished``, ``<task>/mean_tokens``, ``<task>/judge_accuracy``,
+``<task>/judge_regex_agreement``.  One main
 metric per task (``main_metric``; default: the judge's accuracy when a judge is set, else the
 task's ``metadata.resp_main_metric``, else lm-eval's first metric) also carries
 ``<key>@seed<s>`` per seed and ``<key>/std`` over several seeds -- the keys comparisons aggregate
@@ -54,15 +58,16 @@ from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from resp_core import hookimpl
 from resp_core.errors import RespError
 from resp_core.interfaces import EvalResult, Evaluator, Params, RunContext, SamplingParams
 from resp_core.metric_keys import seed_key
-from resp_core.validation import Seed
+from resp_core.validation import MAX_COUNT, MAX_NEW_TOKENS, BatchSize, NewTokens, Seed
 from resp_plugins.evaluators.lm_eval_judge import (EXTRACTOR_WHAT, LLMExtractor, LLMJudge, SideModel,
-                                                    load_side_generator, run_llm_extractor, run_llm_judge)
+                                                    check_side_model, load_side_generator, release_side_generator,
+                                                    run_llm_extractor, run_llm_judge)
 from resp_plugins.evaluators.lm_eval_tasks_config import (DEFAULT_MAX_NEW_TOKENS, RESP_TASKS, configure_tasks,
                                                            load_tasks, stop_modes, task_manager, task_meta,
                                                            task_utils)
@@ -100,12 +105,12 @@ class LmEvalSampling(Params):
     """Decoding for every generative task (the paper's: sampled, temperature 0.6, thinking)."""
 
     do_sample: bool = True
-    temperature: float = Field(0.6, ge=0)
+    temperature: float = Field(0.6, ge=0, le=100)
     top_p: float = Field(0.95, gt=0, le=1)
     top_k: int = Field(20, ge=0)
     enable_thinking: bool = True
     # one budget for all tasks, or per task name (tasks not listed keep their YAML's max_gen_toks)
-    max_new_tokens: int | dict[str, int] = Field(default_factory=lambda: dict(DEFAULT_MAX_NEW_TOKENS))
+    max_new_tokens: NewTokens | dict[str, NewTokens] = Field(default_factory=lambda: dict(DEFAULT_MAX_NEW_TOKENS))
 
     def budget(self, task: str) -> int | None:
         if isinstance(self.max_new_tokens, int):
@@ -133,13 +138,22 @@ class LmEvalHarness(Evaluator):
         fewshot_as_multiturn: bool = True
         system_instruction: str | None = None
         main_metric: str | dict[str, str] | None = None  # one per task: e.g. exact_match/strict-match
-        bootstrap_iters: int = Field(1000, ge=0)  # for stderrs of non-mean metrics
-        batch_size: int = Field(8, ge=1)  # loglikelihood batches
-        max_length: int | None = Field(None, ge=2)  # loglikelihood context (default: the model's)
+        bootstrap_iters: int = Field(1000, ge=0, le=MAX_COUNT)  # for stderrs of non-mean metrics
+        batch_size: BatchSize = 8  # loglikelihood batches
+        max_length: int | None = Field(None, ge=2, le=MAX_NEW_TOKENS)  # loglikelihood context (default: the model's)
         include_path: list[str] = Field(default_factory=list)  # extra lm-eval task folders (code!)
         records: bool = True  # per-item records (prompt, completion, extraction)
         llm_judge: LLMJudge | None = None
         llm_extractor: LLMExtractor | None = None
+
+        @field_validator("limit")
+        @classmethod
+        def _limit(cls, v):
+            if v is None or (isinstance(v, float) and 0 < v < 1):
+                return v
+            if float(v).is_integer() and 1 <= v <= MAX_COUNT:
+                return int(v)
+            raise ValueError(f"give an item count (1 to {MAX_COUNT:,}) or a fraction between 0 and 1, not {v!r}")
 
     def __init__(self, params: "LmEvalHarness.Params | None" = None):
         self.params = params or self.Params()
@@ -147,6 +161,8 @@ class LmEvalHarness(Evaluator):
         self.last_lm = None  # the RespLM of the last seed evaluated (tests, debugging)
         self.last_results = None  # lm-eval's raw results of the last seed
         self.main_keys: dict[str, str] = {}  # task -> main metric of the last evaluation
+        self.own_keys: dict[str, str] = {}  # task -> its own (regex) main metric, judge or not
+        self._where = "evaluator"  # the recipe field of this evaluator (error messages)
 
     def check_recipe(self, recipe, path: str) -> None:
         p = self.params
@@ -163,12 +179,18 @@ class LmEvalHarness(Evaluator):
                 if name not in p.tasks:
                     raise RespError(f"{path}.params.main_metric: {name!r} is not one of the tasks "
                                     f"({', '.join(p.tasks)})")
+        if recipe is not None:  # resolve(): the side models' folders, before any model loads
+            self._where = path
+            for role, cfg in (("judge", p.llm_judge), ("extractor", p.llm_extractor)):
+                if cfg is not None:
+                    check_side_model(cfg, recipe.model.device, f"{path}.params.llm_{role}")
 
     # -- tasks -------------------------------------------------------------------------------
     def _main_metrics(self, tasks: dict) -> dict[str, str]:
         """The main metric of each task (checked against the metrics the task reports)."""
         p = self.params
         out = {}
+        self.own_keys = {}
         for name, task in tasks.items():
             metrics = list(getattr(task, "_metric_fn_list", {}) or [])
             filters = [getattr(f, "name", "none") for f in getattr(task, "_filters", [])] or ["none"]
@@ -178,12 +200,12 @@ class LmEvalHarness(Evaluator):
                 available.append("judge_accuracy")
             if p.llm_extractor is not None and task_meta(task).get("resp_kind") in EXTRACTOR_WHAT:
                 available.append("llm_extracted_accuracy")
+            own = task_meta(task).get("resp_main_metric") or (available[0] if available else None)
+            if own is not None and own in available and own not in ("judge_accuracy", "llm_extracted_accuracy"):
+                self.own_keys[name] = own
             chosen = p.main_metric.get(name) if isinstance(p.main_metric, dict) else p.main_metric
             if chosen is None:
-                if p.llm_judge is not None and generative:
-                    chosen = "judge_accuracy"
-                else:
-                    chosen = task_meta(task).get("resp_main_metric") or (available[0] if available else None)
+                chosen = "judge_accuracy" if p.llm_judge is not None and generative else own
             if chosen is None:
                 continue
             if available and chosen not in available:
@@ -242,6 +264,9 @@ class LmEvalHarness(Evaluator):
                 return self._evaluate(ctx)
         finally:
             ctx.model.train(was_training)
+            for role, cfg in (("judge", self.params.llm_judge), ("extractor", self.params.llm_extractor)):
+                if cfg is not None and not cfg.keep_loaded and role in self._side:
+                    release_side_generator(self._side.pop(role))
 
     def _evaluate(self, ctx: RunContext) -> EvalResult:
         p = self.params
@@ -324,7 +349,8 @@ class LmEvalHarness(Evaluator):
     # -- the LLM judge and answer extraction -------------------------------------------------
     def _llm_judge(self, ctx: RunContext, recs: list[dict]) -> dict[str, float]:
         cfg = self.params.llm_judge
-        return run_llm_judge(cfg, recs, lambda: self._side_generator(ctx, "judge", cfg), ctx.progress)
+        return run_llm_judge(cfg, recs, lambda: self._side_generator(ctx, "judge", cfg), ctx.progress,
+                             regex_metric=self.own_keys)
 
     def _llm_extract(self, ctx: RunContext, recs: list[dict]) -> dict[str, float]:
         cfg = self.params.llm_extractor
@@ -332,7 +358,7 @@ class LmEvalHarness(Evaluator):
 
     def _side_generator(self, ctx: RunContext, role: str, cfg: SideModel):
         if role not in self._side:
-            self._side[role] = load_side_generator(cfg, role, ctx.device)
+            self._side[role] = load_side_generator(cfg, role, ctx.device, f"{self._where}.params.llm_{role}")
         return self._side[role]
 
 

@@ -3,8 +3,10 @@ and RESP's LLM answer extractor, each a local model driven through a generation 
 
 ``llm_judge`` is the authors' lenient judge (their ``modules/eval/answer_extract_gsm8k.py`` /
 ``answer_extract_mathqa.py``, ``ask_true_false``): shown the target and the response, it answers
-``ANSWER: true/false``.  ``llm_extractor`` asks a local model for the final answer and compares it
-with the gold answer and with the regex extraction.
+``ANSWER: true/false``, read as the authors' script reads it (the last ``ANSWER:`` line says exactly
+``true``; anything else is false).  ``llm_extractor`` asks a local model for the final answer and
+compares it with the gold answer and with the regex extraction.  Both side models are loaded like a
+recipe's model and checked the same way at ``respctl validate`` (:func:`check_side_model`).
 """
 
 from __future__ import annotations
@@ -13,35 +15,43 @@ import json
 from collections import defaultdict
 from typing import Callable, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 
+from resp_core.errors import RespError
 from resp_core.interfaces import Params, Progress, SamplingParams
+from resp_core.validation import NewTokens
 from resp_plugins.evaluators.lm_eval_tasks_config import task_utils
+
+MAX_RESPONSE_CHARS = 100_000_000
 
 
 class SideModel(Params):
     """A second local model driven through a generation backend (greedy)."""
 
-    model_path: str  # local folder (or hub id / "testbed"), loaded like a recipe's model
-    dtype: str = "float32"
+    model_path: str = Field(min_length=1)  # local folder (or hub id / "testbed"), loaded like a recipe's model
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str | None = None  # default: the run's device
     generator: str = "hf"  # generation backend (registry name)
     generator_params: dict = Field(default_factory=dict)
+    # False: loaded for each evaluation and released after it (its memory free while the run prunes)
+    keep_loaded: bool = True
 
 
 class LLMExtractor(SideModel):
     """A local model that reads each completion and names its final answer (RESP's)."""
 
-    max_new_tokens: int = Field(32, ge=1)
-    max_response_chars: int = Field(4000, ge=1)  # the tail of the (post-</think>) response shown to it
+    max_new_tokens: NewTokens = 32
+    # the tail of the (post-</think>) response shown to it
+    max_response_chars: int = Field(4000, ge=1, le=MAX_RESPONSE_CHARS)
 
 
 class LLMJudge(SideModel):
     """The authors' lenient true/false judge: target and response in, ``ANSWER: true/false`` out."""
 
-    max_new_tokens: int = Field(150, ge=1)  # the authors' max_tokens
+    max_new_tokens: NewTokens = 150  # the authors' max_tokens
     prompt: Literal["auto", "gsm8k", "mathqa"] = "auto"  # auto: by task kind (GSM8K's for other tasks)
-    max_response_chars: int | None = Field(None, ge=1)  # None: the whole response, as the authors
+    # None: the whole response, as the authors
+    max_response_chars: int | None = Field(None, ge=1, le=MAX_RESPONSE_CHARS)
     enable_thinking: bool = False  # the authors' judge is an instruct (non-thinking) model
 
 
@@ -119,10 +129,14 @@ def judge_target(kind: str | None, doc: dict, target) -> str:
 
 
 def run_llm_judge(cfg: LLMJudge, recs: list[dict], generator: Callable[[], object],
-                  progress: Progress | None) -> dict[str, float]:
-    """Judge every generative record in place (``judge_target``, ``judge_reply``,
-    ``judge_verdict``); returns ``<task>/judge_accuracy``.  ``generator()`` gives the judge's
-    backend, asked for only when there is something to judge."""
+                  progress: Progress | None, regex_metric: dict[str, str] | None = None) -> dict[str, float]:
+    """Judge every generative record in place (``judge_target``, ``judge_prompt``: the user
+    message the judge read, ``judge_reply``, ``judge_verdict``); returns ``<task>/judge_accuracy``.
+    ``generator()`` gives the judge's backend, asked for only when there is something to judge.
+
+    ``regex_metric`` (task -> the record key of the task's own per-item score, e.g.
+    ``exact_match/strict-match``): each such record also gets ``judge_agrees_regex`` (the verdict
+    equals "that score is 1") and the task ``<task>/judge_regex_agreement``, their mean."""
     todo = [r for r in recs if "finished" in r]  # generative items
     if not todo:
         return {}
@@ -133,16 +147,25 @@ def run_llm_judge(cfg: LLMJudge, recs: list[dict], generator: Callable[[], objec
         response = r["completion"] if cfg.max_response_chars is None else r["completion"][-cfg.max_response_chars:]
         target = judge_target(r.get("kind"), r["_doc"], r.get("target"))
         r["judge_target"] = target
-        convs.append(judge_messages(kind or "gsm8k", target, [response]))
+        conv = judge_messages(kind or "gsm8k", target, [response])
+        r["judge_prompt"] = conv[-1]["content"]
+        convs.append(conv)
     sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, do_sample=False, temperature=0.0,
                               enable_thinking=cfg.enable_thinking, seed=0)
     comps = gen.generate(convs, sampling, progress, "LLM judge")
     verdicts: dict[str, list[bool]] = defaultdict(list)
+    agree: dict[str, list[bool]] = defaultdict(list)
     for r, c in zip(todo, comps):
         r["judge_reply"] = c.text
         r["judge_verdict"] = parse_judge_reply(c.text)
         verdicts[r["task"]].append(r["judge_verdict"])
-    return {f"{task}/judge_accuracy": sum(v) / len(v) for task, v in verdicts.items()}
+        score = r.get((regex_metric or {}).get(r["task"], ""))
+        if isinstance(score, (int, float)) and not isinstance(score, bool):
+            r["judge_agrees_regex"] = bool(float(score) >= 0.5) == r["judge_verdict"]
+            agree[r["task"]].append(r["judge_agrees_regex"])
+    out = {f"{task}/judge_accuracy": sum(v) / len(v) for task, v in verdicts.items()}
+    out.update({f"{task}/judge_regex_agreement": sum(v) / len(v) for task, v in agree.items()})
+    return out
 
 
 def run_llm_extractor(cfg: LLMExtractor, recs: list[dict], generator: Callable[[], object],
@@ -181,16 +204,73 @@ def run_llm_extractor(cfg: LLMExtractor, recs: list[dict], generator: Callable[[
     return out
 
 
-def load_side_generator(cfg: SideModel, role: str, device: str):
-    """Load a side model (``role``: ``judge`` / ``extractor``) and bind its generation backend."""
-    from resp_core.loading import load_model_and_tokenizer
+def side_model_section(cfg: SideModel, device: str, field: str):
+    """The side model as a recipe ``model`` section (its device: ``cfg.device``, else ``device``);
+    a bad device is one line naming ``field``."""
     from resp_core.recipe import ModelSection
 
-    section = ModelSection(path=cfg.model_path, dtype=cfg.dtype, device=cfg.device or device)
-    model, tokenizer = load_model_and_tokenizer(section)
-    gen = create_generator(cfg.generator, cfg.generator_params, f"evaluator.params.llm_{role}.generator")
+    try:
+        return ModelSection(path=cfg.model_path, dtype=cfg.dtype, device=cfg.device or device)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err.get("loc", ()))
+        raise RespError(f"{field}.{where}: {err.get('msg', 'invalid')}".replace("Value error, ", "")) from None
+
+
+def _renamed(exc: RespError, field: str) -> RespError:
+    """A model loading/checking error, its ``model.path`` naming the side model's field instead."""
+    text = str(exc)
+    if text.startswith("model.path"):
+        text = field + ".model_path" + text[len("model.path"):]
+    elif text.startswith("model."):
+        text = field + "." + text[len("model."):]
+    else:
+        text = f"{field}.model_path: {text}"
+    return RespError(text)
+
+
+def check_side_model(cfg: SideModel, device: str, field: str) -> None:
+    """What ``respctl validate`` checks of a side model without loading it: device syntax, and
+    for a local folder (or ``testbed``) its config, tokenizer files and weight headers; a hub id
+    is checked only when it is in the local cache (never looked up)."""
+    from resp_core.preflight import check_model
+
+    section = side_model_section(cfg, device, field)
+    try:
+        check_model(section, field="model.path", portable=True)
+    except RespError as exc:
+        raise _renamed(exc, field) from None
+
+
+def load_side_generator(cfg: SideModel, role: str, device: str, field: str | None = None):
+    """Load a side model (``role``: ``judge`` / ``extractor``) and bind its generation backend;
+    errors name ``field`` (default ``evaluator.params.llm_<role>``)."""
+    from resp_core.loading import load_model_and_tokenizer
+
+    field = field or f"evaluator.params.llm_{role}"
+    section = side_model_section(cfg, device, field)
+    try:
+        model, tokenizer = load_model_and_tokenizer(section)
+    except RespError as exc:
+        raise _renamed(exc, field) from None
+    gen = create_generator(cfg.generator, cfg.generator_params, f"{field}.generator")
     gen.bind(model, tokenizer)
     return gen
+
+
+def release_side_generator(gen) -> None:
+    """Free a side model's backend (an engine's ``close()``), its weights and cached GPU memory."""
+    import gc
+
+    import torch
+
+    close = getattr(gen, "close", None)
+    if callable(close):
+        close()
+    gen.model = gen.tokenizer = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def create_generator(name: str, params: dict, where: str):
