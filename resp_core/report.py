@@ -28,7 +28,8 @@ from rich.table import Table
 
 from .errors import RespError
 from .metric_keys import RAW_METRIC_WORDS, SEED_KEY, is_fraction  # noqa: F401
-from .report_paths import DETERMINISTIC_MARK, ci_words_paths, has_paths, header_lines, metric_sections
+from .report_paths import (DETERMINISTIC_MARK, ci_words_paths, has_paths, header_lines, metric_sections,
+                           reference_words, speedup_lines)
 from .report_paths import n_paths as n_paths_of
 from .stats import finite
 
@@ -243,6 +244,8 @@ def render_markdown(results: dict, plot: str | None = None, ci: str = "seeds") -
             lines += [f"Reached sparsity differs from the target: {', '.join(off)}.", ""]
         if has_paths(results):
             lines += metric_sections(results, methods, targets, cell, metric)
+    if "speedup" in results:
+        lines += speedup_lines(results)
     lines += _sparsity_table(methods, targets, cell, metrics[0] if metrics else None)
     lines.append("## Methods")
     lines.append("")
@@ -250,12 +253,13 @@ def render_markdown(results: dict, plot: str | None = None, ci: str = "seeds") -
         lines.append(f"- **{m['label']}**: scorer `{m['scorer']['name']}` {m['scorer'].get('params') or ''}; "
                      f"calibration `{(m.get('calibration') or info['calibration'])['name']}`; "
                      f"allocator `{(m.get('allocator') or {'name': 'global'})['name']}`; schedule overrides "
-                     f"{m.get('schedule') or {}}")
+                     f"{m.get('schedule') or {}}"
+                     + (f"; paired with **{m['reference']}**" if m.get("reference") else ""))
     if plot:
         stem = Path(plot).stem
         lines += ["", f"![accuracy vs sparsity]({plot}) (also [{stem}.pdf]({stem}.pdf), [{stem}.svg]({stem}.svg))"]
         if has_paths(results) and n_paths_of(results) >= 2:
-            lines += ["", f"![paired differences against {results['info']['reference']}](differences.png) (also "
+            lines += ["", f"![paired differences against {reference_words(results)}](differences.png) (also "
                       "[differences.pdf](differences.pdf), [differences.svg](differences.svg))"]
     return "\n".join(lines) + "\n"
 

@@ -70,8 +70,14 @@ def _spread_table(methods, targets, cell, metric) -> list[str]:
             "|---|" + "---|" * len(targets), *rows, ""]
 
 
+def reference_words(results: dict) -> str:
+    """Whom the paired differences are taken against: the reference, or each method's own."""
+    return "each method's reference" if results["info"].get("references") else results["info"]["reference"]
+
+
 def _difference_table(results: dict, metric: str) -> list[str]:
-    ref = results["info"]["reference"]
+    own = bool(results["info"].get("references"))  # some method is paired with its own reference
+    ref = "its reference" if own else results["info"]["reference"]
     k, d, unit = _scale(metric)
     diffs = [x for x in results["differences"] if x["metric"] == metric]
     fmt = lambda v: f"{k * v:+.{d}f}" if finite(v) else "n/a"  # noqa: E731
@@ -91,15 +97,15 @@ def _difference_table(results: dict, metric: str) -> list[str]:
                 short.append(x)
             else:
                 excludes = "no"
-        rows.append(f"| {x['method']} | {x['target']:.0%} | {fmt(x['mean'])} | {interval} | {excludes} | {mde} | "
-                    f"{x['n_paths']} |")
-    lines = [f"### Paired differences against {ref}", "",
+        rows.append(f"| {x['method']} | " + (f"{x['reference']} | " if own else "") + f"{x['target']:.0%} | "
+                    f"{fmt(x['mean'])} | {interval} | {excludes} | {mde} | {x['n_paths']} |")
+    lines = [f"### Paired differences against {reference_words(results)}", "",
              f"d_s = path mean(method, s) − path mean({ref}, s), paired by path seed s (each path mean over the "
              "same evaluation seeds and items); the mean of d_s over the common path seeds, its 95% interval "
              "(t over the n differences), whether that interval excludes 0, and the minimum detectable difference "
              f"(paired t, 80% power, two-sided 5%) at this n{' — in percentage points' if unit else ''}.", "",
-             "| method | sparsity | difference | 95% CI | excludes 0? | MDE | n paths |",
-             "|---|---|---|---|---|---|---|", *rows, ""]
+             "| method | " + ("reference | " if own else "") + "sparsity | difference | 95% CI | excludes 0? | MDE | "
+             "n paths |", "|---|" + ("---|" if own else "") + "---|---|---|---|---|---|", *rows, ""]
     if not diffs:
         lines += ["No method shares a finished path seed with the reference yet.", ""]
     if short:
@@ -126,7 +132,9 @@ def render_difference_plot(results: dict, path: Path) -> list[Path]:
     diffs = results["differences"]
     metrics = sorted({x["metric"] for x in diffs})
     methods = list(dict.fromkeys(x["method"] for x in diffs))
-    ref = results["info"]["reference"]
+    ref = "the reference" if results["info"].get("references") else results["info"]["reference"]
+    legend = {x["method"]: f"{x['method']} − {x['reference']}" if results["info"].get("references") else x["method"]
+              for x in diffs}
     path = Path(path)
     written = []
     with matplotlib.rc_context({"svg.hashsalt": "resp", "svg.fonttype": "path"}):
@@ -139,7 +147,8 @@ def render_difference_plot(results: dict, path: Path) -> list[Path]:
                 ys = [k * x["mean"] for x in own]
                 lo = [k * (x["mean"] - x["ci95_low"]) if finite(x["ci95_low"]) else 0.0 for x in own]
                 hi = [k * (x["ci95_high"] - x["mean"]) if finite(x["ci95_high"]) else 0.0 for x in own]
-                ax.errorbar(xs, ys, yerr=[lo, hi], marker="osD^v<>"[i % 7], capsize=3, linestyle="none", label=m)
+                ax.errorbar(xs, ys, yerr=[lo, hi], marker="osD^v<>"[i % 7], capsize=3, linestyle="none",
+                            label=legend[m])
             ax.axhline(0.0, color="black", linewidth=0.8)
             ax.set_xlabel("target sparsity, %")
             ax.set_ylabel(f"difference against {ref}" + (" (pp)" if k == 100.0 else ""))
@@ -157,3 +166,38 @@ def render_difference_plot(results: dict, path: Path) -> list[Path]:
             written.append(p)
         plt.close(fig)
     return written
+
+
+def _ratio(c: dict | None) -> str:
+    if not c or not finite(c.get("mean")):
+        return "n/a"
+    if finite(c.get("ci95_low")) and finite(c.get("ci95_high")):
+        return f"{c['mean']:.2f} [{c['ci95_low']:.2f}, {c['ci95_high']:.2f}]"
+    return f"{c['mean']:.2f}" + (f" ({c['note']})" if c.get("note") else "")
+
+
+def speedup_lines(results: dict) -> list[str]:
+    """The effective-speedup table (a comparison with ``speedup``): per-token speedup x answer-length
+    ratio, each a geometric mean over path seeds with its 95% interval, and the ratio of effective
+    speedups against each method's reference."""
+    sp = results["info"]["speedup"]
+    rows = []
+    for r in results["speedup"]:
+        vs = r.get("against_reference")
+        against = "—" if vs is None else f"{_ratio({'mean': vs['ratio'], **vs})} vs {vs['reference']}"
+        rows.append(f"| {r['method']} | {r['target']:.0%} | {r['task'] or '—'} | {_ratio(r['per_token_speedup'])} | "
+                    f"{_ratio(r.get('length_ratio'))} | {_ratio(r.get('effective_speedup'))} | {against} | "
+                    f"{r['per_token_speedup']['n']} |")
+    lines = ["## Effective speedup (measured)", "",
+             f"Per-token speedup: dense / compacted time per generated token, timed side by side in one process "
+             f"({sp['repeats']} rounds, order swapped every other round; {sp['prompts']} prompts × "
+             f"{sp['new_tokens']} greedy tokens, batch {sp['batch_size']}, end of sequence suppressed). Length "
+             "ratio: dense / pruned mean answer length (the same items and evaluation seeds). Effective speedup: "
+             "their product, the ratio of the time to produce an answer. Each cell: the geometric mean over path "
+             "seeds [95% interval: t over path seeds of the logs]; with one path the per-token interval is over "
+             "the timing rounds. Last column: effective speedup / the reference's, paired by path seed.", "",
+             "| method | sparsity | task | per-token speedup | length ratio | effective speedup | "
+             "effective vs reference | n paths |", "|---|---|---|---|---|---|---|---|", *rows, ""]
+    if not rows:
+        lines += ["No milestone model has been timed yet.", ""]
+    return lines

@@ -13,14 +13,22 @@ from ..model.adapter import adapter_for
 from ..model.structures import StructureSpec, build_structures
 
 
-def _alternating(fns: dict, repeats: int) -> dict[str, float]:
+def alternating_times(fns: dict, repeats: int, swap: bool = False) -> dict[str, list[float]]:
+    """Seconds of every call of each contender, the contenders called in turn ``repeats`` times;
+    ``swap``: every other round in reverse order (A B, B A, A B, ...), so that a linear drift of
+    the machine's speed hits both alike."""
     times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
+    for r in range(repeats):
+        order = list(fns.items())
+        for k, fn in (order[::-1] if swap and r % 2 else order):
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def _alternating(fns: dict, repeats: int) -> dict[str, float]:
+    return {k: statistics.median(v) for k, v in alternating_times(fns, repeats).items()}
 
 
 def random_calibration(vocab: int, n: int, prompt_len: int, target_len: int, seed: int = 0) -> list[CalibrationSample]:

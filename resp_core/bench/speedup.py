@@ -35,6 +35,23 @@ def _unique_params(model) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
+def fixed_length_decoder(model, batches: list, new_tokens: int, pad_token_id: int, device: str):
+    """A call that decodes exactly ``new_tokens`` tokens greedily (KV cache; end-of-sequence
+    suppressed: ``min_new_tokens = max_new_tokens``) after each ``(input_ids, attention_mask or
+    None)`` batch and waits for the device, so that two models' times differ only by speed."""
+
+    @torch.no_grad()
+    def run():
+        for ids, att in batches:
+            out = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, use_cache=True,
+                                 pad_token_id=pad_token_id)
+            if out.shape[1] - ids.shape[1] != new_tokens:
+                raise RuntimeError(f"generated {out.shape[1] - ids.shape[1]} tokens, not {new_tokens}")
+        _sync(device)
+    return run
+
+
 @torch.no_grad()
 def compaction_speedup(cfg: SpeedupConfig, repeats: int = 5, attention: str = "kv_group", model=None,
                        device: str = "cpu") -> dict:
@@ -64,11 +81,7 @@ def compaction_speedup(cfg: SpeedupConfig, repeats: int = 5, attention: str = "k
     prefill = torch.randint(5, vocab, (cfg.prefill_batch, cfg.prefill_len), generator=g).to(device)
 
     def decoder(m):
-        def run():
-            m.generate(prompt, max_new_tokens=cfg.decode_tokens, min_new_tokens=cfg.decode_tokens,
-                       do_sample=False, use_cache=True, pad_token_id=0)
-            _sync(device)
-        return run
+        return fixed_length_decoder(m, [(prompt, None)], cfg.decode_tokens, 0, device)
 
     def prefiller(m):
         def run():

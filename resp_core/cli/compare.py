@@ -71,6 +71,8 @@ def compare(recipe: Path = typer.Argument(..., help="Comparison recipe YAML (met
     console.print(f"results: {folder / 'results.csv'}, {folder / 'results.json'}; report: {folder / 'report.md'}; "
                   f"plot: {folder / 'accuracy.png'} (also .pdf, .svg)")
     if "differences" in results:
-        console.print(f"paired differences against {results['info']['reference']} (by path seed): "
+        from ..report_paths import reference_words
+
+        console.print(f"paired differences against {reference_words(results)} (by path seed): "
                       f"{folder / 'differences.csv'} and the report"
                       + (f"; plot: {folder / 'differences.png'}" if (folder / "differences.png").is_file() else ""))

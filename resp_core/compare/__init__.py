@@ -28,6 +28,9 @@ Folder layout::
                                 path_seeds: over paths, per-path and per-item values, and the
                                 paired differences against the reference method)
     <dir>/report.md, accuracy.png (with path_seeds: differences.csv; differences.png from two)
+    <dir>/speedup/<slug>/path<p>/milestone_<s>.json, <dir>/speedup.csv
+                                with ``speedup``: each milestone model timed against the dense
+                                model, and the per-token, length and effective speedups
 
 Re-running ``respctl compare`` on an existing folder extends it: finished methods are kept,
 new methods and new path seeds are run, and new seeds are evaluated on the saved milestone
@@ -35,7 +38,8 @@ models.  Changing what must be shared (model, task, structures, generator, seed,
 whether there are path seeds) is refused.
 
 Here: the recipe and its checks (:mod:`.schema`), running the cells (:mod:`.cells`), the
-results (:mod:`.results`), the statistics over pruning paths (:mod:`.paths`).
+results (:mod:`.results`), the statistics over pruning paths (:mod:`.paths`), the effective
+speedup (:mod:`.speedup`) and the timing behind it (:mod:`.timing`).
 """
 
 from ..metric_keys import SEED_KEY

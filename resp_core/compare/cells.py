@@ -90,12 +90,16 @@ def run_compare(cmp: CompareRecipe, source: str, folder: Path, progress, console
         check_extension(folder, cmp)
         saved = saved_compare(folder)
         known = {m.label for m in saved.methods}
+        given = {m.label: m for m in cmp.methods}
+        kept = [m.model_copy(update={"reference": given[m.label].reference}) if m.label in given else m
+                for m in saved.methods]  # a method's reference only pairs its results: the recipe's
         merged = saved.model_copy(update={
-            "methods": saved.methods + [m for m in cmp.methods if m.label not in known],
+            "methods": kept + [m for m in cmp.methods if m.label not in known],
             "seeds": saved.seeds + [s for s in cmp.seeds if s not in saved.seeds],
             **({} if saved.path_seeds is None else
                {"path_seeds": saved.path_seeds + [s for s in cmp.path_seeds if s not in saved.path_seeds]}),
             "reference": cmp.reference,
+            "speedup": cmp.speedup,
         })
         merged._protocol = cmp.protocol()  # mode: paper's record, for the methods run now
     else:
@@ -135,6 +139,10 @@ def run_compare(cmp: CompareRecipe, source: str, folder: Path, progress, console
         run_one = run_path
     executor.run(_paths_to_run(merged, resolved_methods, folder, executor.in_process, say, progress, reg),
                  run_one, say)
+    if merged.speedup is not None:  # every milestone model timed against the dense model, here
+        from .timing import measure_speedups
+
+        measure_speedups(merged, folder, say)
     results = collect_results(folder)
     write_results(folder, results)
     return results

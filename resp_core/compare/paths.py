@@ -191,14 +191,16 @@ def dense_row(row: dict, metric: str, per_seed: dict[int, float], tables: dict) 
     return out
 
 
-def paired_differences(rows: list[dict], reference: str) -> list[dict]:
-    """Every method against ``reference`` at every sparsity and metric, paired by path seed over
-    the path seeds both have: ``d_s = path mean(method, s) - path mean(reference, s)``."""
+def paired_differences(rows: list[dict], reference: str | dict[str, str]) -> list[dict]:
+    """Every method against its reference at every sparsity and metric, paired by path seed over
+    the path seeds both have: ``d_s = path mean(method, s) - path mean(reference, s)``.
+    ``reference``: one label for every method, or ``{method: reference label}``."""
     cell = {(r["method"], r["target"], r["metric"]): r for r in rows if r["method"] != "dense"}
     out = []
     for (method, target, metric), r in cell.items():
-        ref = cell.get((reference, target, metric))
-        if method == reference or ref is None:
+        against = reference if isinstance(reference, str) else reference.get(method)
+        ref = cell.get((against, target, metric))
+        if method == against or ref is None:
             continue
         common = [p for p in r["path_means"] if p in ref["path_means"]]
         if not common:
@@ -215,7 +217,7 @@ def paired_differences(rows: list[dict], reference: str) -> list[dict]:
         if note is not None:  # a zero-width interval or MDE would claim a precision the paths do not give
             d.update(low=float("nan"), high=float("nan"), mde=float("nan"))
         resolved = note is None and finite(d["low"])
-        out.append({"method": method, "reference": reference, "target": target, "metric": metric,
+        out.append({"method": method, "reference": against, "target": target, "metric": metric,
                     "n_paths": d["n"], "path_seeds": [int(p) for p in common],
                     "per_path": {p: x - y for p, x, y in zip(common, a, b)}, "mean": d["mean"],
                     "ci95_low": d["low"], "ci95_high": d["high"],

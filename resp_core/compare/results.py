@@ -97,7 +97,17 @@ def _collect_paths(folder: Path, cmp) -> dict:
     # methods whose paths all gave identical masks: their spread is over evaluation seeds only
     info["deterministic"] = [m.label for m in cmp.methods if (own := [r for r in rows if r["method"] == m.label])
                              and all(r["paths_identical"] for r in own)]
-    return {"info": info, "rows": rows, "differences": paired_differences(rows, reference)}
+    references = cmp.references()
+    if any(m.reference is not None for m in cmp.methods):  # some method is paired with its own reference
+        info["references"] = references
+    out = {"info": info, "rows": rows, "differences": paired_differences(rows, references)}
+    if cmp.speedup is not None:
+        from .speedup import speedup_rows
+        from .timing import read_timings
+
+        info["speedup"] = cmp.speedup.model_dump()
+        out["speedup"] = speedup_rows(rows, read_timings(cmp, folder), references)
+    return out
 
 
 def write_results(folder: Path, results: dict, ci: str = "seeds") -> None:
@@ -111,6 +121,8 @@ def write_results(folder: Path, results: dict, ci: str = "seeds") -> None:
     from ..report import render_markdown, render_plot
     from ..report_paths import n_paths, render_difference_plot
 
+    if "speedup" in results:
+        _write_speedup_csv(folder, results)
     render_plot(results, folder / "accuracy.png", ci=ci)
     if "differences" in results and n_paths(results) >= 2:
         render_difference_plot(results, folder / "differences.png")
@@ -165,3 +177,27 @@ def _write_path_csv(folder: Path, results: dict) -> None:
                     _num(d["sd"]), _num(d["mde"]), d["note"] or "",
                     ";".join(f"{p}:{v:.4f}" for p, v in d["per_path"].items())])
     atomic_write_text(folder / "differences.csv", fh.getvalue())
+
+
+def _write_speedup_csv(folder: Path, results: dict) -> None:
+    """speedup.csv: per method x sparsity x task, the per-token speedup, length ratio and effective
+    speedup (geometric means over path seeds, 95% interval) and the effective speedup against the
+    method's reference."""
+    import csv
+
+    fh = io.StringIO(newline="")
+    w = csv.writer(fh)
+    figures = ("per_token_speedup", "length_ratio", "effective_speedup")
+    w.writerow(["method", "target", "task"] + [f"{f}{x}" for f in figures for x in ("", "_ci95_low", "_ci95_high")]
+               + ["n_paths", "reference", "effective_vs_reference", "vs_reference_ci95_low",
+                  "vs_reference_ci95_high"])
+    for r in results["speedup"]:
+        cells = []
+        for f in figures:
+            c = r.get(f) or {}
+            cells += [_num(c.get("mean")), _num(c.get("ci95_low")), _num(c.get("ci95_high"))]
+        ref = r.get("against_reference") or {}
+        w.writerow([r["method"], r["target"], r["task"] or "", *cells, r["per_token_speedup"]["n"],
+                    ref.get("reference", ""), _num(ref.get("ratio")), _num(ref.get("ci95_low")),
+                    _num(ref.get("ci95_high"))])
+    atomic_write_text(folder / "speedup.csv", fh.getvalue())

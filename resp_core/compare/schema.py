@@ -13,10 +13,11 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from ..errors import RespError
 from ..paper import apply_to_compare
-from ..recipe import (EvaluationSection, ModelSection, OutputSection, PluginRef, Recipe, SharedSections,
-                      StructuresSection, _parse, _Strict)
+from ..recipe import (EvaluationSection, ModelSection, OutputSection, PluginRef, Recipe, RecoverySection,
+                      SharedSections, StructuresSection, _parse, _Strict)
 from ..resolve import check_model_path, resolve
 from ..validation import Seed
+from .speedup import SpeedupSection
 
 SHARED_FIELDS = ("model", "task", "structures", "generator", "seed", "sparsities", "calibration", "evaluators",
                  "steps")
@@ -41,6 +42,11 @@ class CompareMethod(_Strict):
     # Only to catch mistakes: a method may not prune other structures or another model.
     model: ModelSection | None = None
     structures: StructuresSection | None = None
+    # training after pruning (a run recipe's `recovery:`); `at` defaults to milestones here, so every
+    # sparsity of the method is its recovered model ("RESP + self_distill" beside "RESP")
+    recovery: RecoverySection | None = None
+    # the method this one's paired differences are taken against (default: the comparison's reference)
+    reference: str | None = None
 
 
 class CompareRecipe(SharedSections):
@@ -53,6 +59,8 @@ class CompareRecipe(SharedSections):
     evaluators: list[PluginRef]
     methods: list[CompareMethod]
     reference: str | None = None  # the method every other is paired against (default: the first)
+    # time every milestone model against the dense model: per-token and effective speedup (off: None)
+    speedup: SpeedupSection | None = None
     output: OutputSection = Field(default_factory=OutputSection)
 
     @field_validator("sparsities")
@@ -103,11 +111,30 @@ class CompareRecipe(SharedSections):
             raise ValueError("reference: paired differences are taken over path seeds; give path_seeds too")
         if self.reference is not None and self.reference not in labels:
             raise ValueError(f"reference: {self.reference!r} is not a method label (one of {', '.join(labels)})")
+        for i, m in enumerate(self.methods):
+            if m.reference is None:
+                continue
+            if self.path_seeds is None:
+                raise ValueError(f"methods[{i}].reference: paired differences are taken over path seeds; "
+                                 "give path_seeds too")
+            if m.reference == m.label:
+                raise ValueError(f"methods[{i}].reference: a method is not paired with itself ({m.label!r})")
+            if m.reference not in labels:
+                raise ValueError(f"methods[{i}].reference: {m.reference!r} is not a method label (one of "
+                                 f"{', '.join(labels)})")
+        if self.speedup is not None and self.path_seeds is None:
+            raise ValueError("speedup: the length ratio and the effective speedup are taken over path seeds; "
+                             "give path_seeds too (one is enough for the point estimates)")
         return self
 
     def reference_label(self) -> str:
         """The method the paired differences are taken against."""
         return self.reference if self.reference is not None else self.methods[0].label
+
+    def references(self) -> dict[str, str]:
+        """Each method's reference: its own ``reference``, else the comparison's."""
+        default = self.reference_label()
+        return {m.label: m.reference or default for m in self.methods}
 
 
 SCHEDULES = ("progressive", "oneshot")
@@ -221,9 +248,18 @@ def method_recipe(cmp: CompareRecipe, method: CompareMethod, registry, target: f
         schedule=schedule_ref,
         evaluation=EvaluationSection(evaluate_dense=False, evaluators=_evaluators_with_seeds(cmp, registry)),
         output=OutputSection(save_model=False, save_milestone_models=True),
+        recovery=_method_recovery(method),
     )
     recipe._protocol = _method_protocol(cmp, method) if cmp.mode == "paper" else {}
     return recipe
+
+
+def _method_recovery(method: CompareMethod) -> RecoverySection | None:
+    """The method's ``recovery`` for its run recipe: ``at: milestones`` unless it says otherwise."""
+    rec = method.recovery
+    if rec is None or "at" in rec.model_fields_set:
+        return rec
+    return rec.model_copy(update={"at": "milestones"})
 
 
 def dense_recipe(cmp: CompareRecipe, registry) -> Recipe:
@@ -284,7 +320,9 @@ def check_extension(folder: Path, cmp: CompareRecipe) -> None:
         raise RespError(f"{folder}: this comparison was made with different evaluators; extend it only with new "
                         "methods or seeds (nothing was changed)")
     def canonical(method: CompareMethod) -> str:  # YAML round trips turn float keys into strings
-        return json.dumps(json.loads(json.dumps(method.model_dump(mode="json", exclude_none=True), default=str)),
+        # its reference only pairs its results: it may change on an extension
+        return json.dumps(json.loads(json.dumps(method.model_dump(mode="json", exclude_none=True,
+                                                                  exclude={"reference"}), default=str)),
                           sort_keys=True)
 
     for m_old in saved.methods:
