@@ -293,9 +293,22 @@ def _from_compacted(run: Path, model, mask: MaskSet) -> str | None:
     return None
 
 
+def _recovered(run: Path, recipe, mask: MaskSet) -> bool:
+    """Whether ``mask`` is a point the run's recovery trained: the last step's mask, and with
+    ``at: milestones`` every milestone's."""
+    rec = getattr(recipe, "recovery", None)
+    if rec is None:
+        return False
+    steps = sorted((run / "masks").glob("step_*.safetensors"))
+    points = steps[-1:] + (sorted((run / "masks").glob("milestone_*.safetensors")) if rec.at == "milestones" else [])
+    return any(_same(MaskSet.load(f, mask.geometry), mask) for f in points)
+
+
 def masked_model_of_run(run: Path, recipe, model, mask: MaskSet, mask_path: Path) -> str:
-    """Turn the dense ``model`` into the run's masked model at ``mask``; returns where the weights came from."""
-    if not _scorer_edits_weights(recipe):
+    """Turn the dense ``model`` into the run's masked model at ``mask``; returns where the weights came from.
+    A run with ``recovery`` trained its final (or every milestone's) model: its weights come from
+    the saved model of that mask, as a weight-editing scorer's do."""
+    if not _scorer_edits_weights(recipe) and not _recovered(run, recipe, mask):
         apply_mask(adapter_for(model), mask)
         return f"the dense model with {mask_path.relative_to(run) if mask_path.is_relative_to(run) else mask_path}"
     source = _from_checkpoint(run, model, mask)
@@ -305,7 +318,9 @@ def masked_model_of_run(run: Path, recipe, model, mask: MaskSet, mask_path: Path
     source = _from_compacted(run, model, mask)
     if source is not None:
         return source
-    raise RespError(f"scorer {recipe.scorer.name!r} edits the weights it keeps, so {mask_path.name} alone does not "
+    what = (f"recovery {recipe.recovery.name!r} trained" if getattr(recipe, "recovery", None) is not None
+            else f"scorer {recipe.scorer.name!r} edits")
+    raise RespError(f"{what} the weights it keeps, so {mask_path.name} alone does not "
                     f"reproduce them, and {run} holds no checkpoint (resume/) or compacted model (model/, models/) "
                     f"of that mask; export the milestones a run saved with output.save_milestone_models")
 

@@ -55,3 +55,8 @@ def register_generators(register):
 @hookspec
 def register_tasks(register):
     """Register reasoning tasks (prompts, gold answers, answer checking): ``register(name, TaskClass)``."""
+
+
+@hookspec
+def register_recoverers(register):
+    """Register recovery methods run after pruning (``recovery:``): ``register(name, RecovererClass)``."""

@@ -41,7 +41,9 @@ class Params(BaseModel):
 # --------------------------------------------------------------------------------------------------
 
 class Progress:
-    """``with progress.task("Scoring", total=n) as advance: advance(1)``"""
+    """``with progress.task("Scoring", total=n) as advance: advance(1)``; ``advance(1,
+    description=...)`` may also update the task's description (a training loss), where the
+    reporter supports it."""
 
     def task(self, description: str, total: int):
         return _NullTask()
@@ -52,7 +54,7 @@ class Progress:
 
 class _NullTask:
     def __enter__(self):
-        return lambda n=1: None
+        return lambda n=1, description=None: None
 
     def __exit__(self, *exc):
         return False
@@ -328,3 +330,55 @@ class Evaluator(ABC):
     @abstractmethod
     def evaluate(self, ctx: RunContext) -> EvalResult:
         ...
+
+
+# --------------------------------------------------------------------------------------------------
+# Recovery after pruning (resp_core/recovery/, resp_core/recovery_stage.py)
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class TeacherSpec:
+    """What a recoverer needs of the dense model: its top-``top_k`` log-probabilities at
+    ``temperature`` on every decode position of the run's calibration traces (generation 0),
+    sequences cut to ``max_tokens``; computed once, before pruning, and stored in the run folder."""
+
+    top_k: int
+    temperature: float = 1.0
+    max_tokens: int = 1024
+    batch_size: int = 4
+
+
+@dataclass
+class RecoveryContext:
+    """What a recoverer may use.  ``model`` is the *compacted* model (every parameter frozen); it
+    shares its embeddings, norms and output head with the run's masked model, so a recoverer
+    changes the projection weights (q/k/v/o/gate/up/down) only, or adapters merged into them
+    (the run checks that nothing else changed).  ``samples``: the calibration traces the dense
+    model produced (generation 0).  ``teacher_file``: the dense model's top-k log-probabilities
+    on them (:class:`TeacherSpec`), or None.  ``state_dir``: where resumable training state goes
+    (a killed run resumes from it)."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    samples: list[CalibrationSample]
+    tasks: Callable[..., Task]
+    state_dir: Any  # pathlib.Path
+    teacher_file: Any = None  # pathlib.Path | None
+    seed: int = 0
+    device: str = "cpu"
+    progress: Progress = field(default_factory=Progress)
+    label: str = "final"  # the point recovered ("step_08")
+
+
+class Recoverer(ABC):
+    """Recovery after pruning: trains the compacted model (full weights or LoRA merged back),
+    after the final step or after every milestone (``recovery.at``), before it is evaluated."""
+
+    def teacher(self) -> TeacherSpec | None:
+        """The dense model's top-k log-probabilities this recoverer needs (None: none)."""
+        return None
+
+    @abstractmethod
+    def recover(self, ctx: RecoveryContext) -> dict:
+        """Train ``ctx.model`` in place; returns a JSON summary (at least ``steps`` and
+        ``final_loss``), recorded in ``metrics.json`` and ``run.json``."""

@@ -35,7 +35,6 @@ keep it with ``status: interrupted`` (:class:`RunInterrupted`).  Each is one lin
 
 from __future__ import annotations
 
-import json
 import platform
 import shutil
 import signal
@@ -52,18 +51,19 @@ from .checkpoint import generation_file, latest_checkpoint, restore_checkpoint, 
 from .errors import RespError, RunFailed, RunInterrupted
 from .export import export_at_end
 from .fingerprint import model_fingerprint
-from .interfaces import CalibrationSample, CalibrationSet, Progress, RunContext, Scorer
+from .interfaces import CalibrationSample, CalibrationSet, Progress, Scorer
 from .loading import load_model_and_tokenizer
-from .model.adapter import adapter_for
 from .model.compaction import compacted_copy
 from .model.saving import save_compacted, save_pruned
 from .model.masks import MaskSet, apply_mask, kept_parameter_count, sparsity_of, sparsity_report
-from .model.structures import build_structures, check_plan
+from .model.structures import check_plan
 from .init_from import load_init_point
 from .recipe import dump_recipe
 from .resolve import ResolvedRecipe
 from .rng_state import seed_everything, set_rng_state
 from .run_record import RunRecord, source_commit
+from .run_context import build_context, compaction_check, evaluate_point, task_factory  # noqa: F401
+from .recovery_stage import RecoveryStage
 from .rundir import CHECKPOINT_DIR, RunDir
 
 
@@ -86,46 +86,6 @@ def _trace_stats(samples) -> dict:
     if flags:
         out["calibration_correct_fraction"] = sum(bool(f) for f in flags) / len(flags)
     return out
-
-
-def task_factory(resolved: ResolvedRecipe):
-    """``tasks(name=None, params=None)``: the task ``name`` (default: the recipe's) built with
-    ``params``; without params, the recipe's own task instance when the name is the recipe's."""
-    recipe = resolved.recipe
-    cache = {(recipe.task.name, "{}"): resolved.task}
-
-    def tasks(name: str | None = None, params: dict | None = None):
-        name = name or recipe.task.name
-        key = (name, json.dumps(params or {}, sort_keys=True, default=str))
-        if key not in cache:
-            cache[key] = resolved.registry.create("task", name, params or {}, f"task {name}")
-        return cache[key]
-
-    return tasks
-
-
-def build_context(resolved: ResolvedRecipe, model, tokenizer, progress: Progress, prunable: bool = True) -> RunContext:
-    """The run context for ``model``. ``prunable=False`` for an already compacted model that is
-    only evaluated (it has per-layer widths, so no adapter geometry or structures)."""
-    recipe = resolved.recipe
-    resolved.generator.bind(model, tokenizer)
-    adapter = adapter_for(model) if prunable else None
-    structures = build_structures(adapter, recipe.structures.spec()) if prunable else None
-    return RunContext(model=model, tokenizer=tokenizer, adapter=adapter, structures=structures,
-                      generator=resolved.generator, tasks=task_factory(resolved), seed=recipe.seed,
-                      device=recipe.model.device, progress=progress,
-                      mask=MaskSet.full(adapter.geometry) if prunable else None, allocator=resolved.allocator)
-
-
-def evaluate_point(resolved: ResolvedRecipe, ctx: RunContext, run_dir: RunDir, label: str) -> dict:
-    metrics: dict = {}
-    for i, (name, ev) in enumerate(resolved.evaluators):
-        res = ev.evaluate(ctx)
-        metrics.update(res.metrics)
-        if res.records:
-            write_jsonl(run_dir.file("eval", f"{label}_{i}_{name}.jsonl"), res.records)
-        kill_point("evaluate")
-    return metrics
 
 
 def run_recipe(resolved: ResolvedRecipe, run_path, progress: Progress | None = None,
@@ -256,6 +216,7 @@ class _Run:
         self.ctx = build_context(resolved, model, tokenizer, progress)
         self.result = RunResult(run_dir)
         self.edits_weights = type(resolved.scorer).before_removal is not Scorer.before_removal
+        self.recovery = RecoveryStage(resolved, run_dir, progress) if resolved.recovery is not None else None
         self.steps: list = []
         self.init = None
         self.dense_params = 0
@@ -322,6 +283,8 @@ class _Run:
             raise RespError("calibration: the source produced no samples")
         self.generation = 0
         self.save_generation()
+        if self.recovery is not None:  # the dense model's top-k on these traces (resp_core/recovery_stage.py)
+            self.recovery.prepare(self)
         self.mask = ctx.mask
         if init is not None:  # a saved run's mask (resp_core/init_from.py), then its milestone's regeneration
             apply_mask(ctx.adapter, init.mask)
@@ -351,8 +314,11 @@ class _Run:
         self.previous = sparsity_of(self.mask, self.ctx.structures)
 
     def pending(self, k: int, step) -> bool:
-        """Step ``k`` still to run: not done before a resume, not at/below ``init_from``'s point."""
-        return not (k < self.first or (self.init is not None and self.init.skips(step)))
+        """Step ``k`` still to run: not done before a resume, not at/below ``init_from``'s point, not
+        after the schedule's ``stop_at`` (a measured sparsity: ``progressive``'s ``grid_end``)."""
+        stop = getattr(self.resolved.schedule, "stop_at", None)
+        return not (k < self.first or (self.init is not None and self.init.skips(step))
+                    or (stop is not None and self.previous >= stop))
 
     def step(self, k: int, step) -> None:
         """Score, allocate, remove, save the mask; then the step's milestones, the calibration
@@ -392,15 +358,18 @@ class _Run:
         row recorded, the model evaluated once."""
         resolved, ctx, mask = self.resolved, self.ctx, self.mask
         metrics = None
+        recover = self.recovery is not None and self.recovery.applies(self, k)  # the recovered model is evaluated
         for target, _ in points:
             mask.save(self.run_dir.file("masks", f"milestone_{target:.2f}.safetensors"),
                       {"target": target, "sparsity": reached, "step": k})
-            if self.recipe.output.save_milestone_models:
+            if self.recipe.output.save_milestone_models and not recover:
                 # compacted on the host straight to disk: no second model, nothing on the device
                 save_compacted(self.model, mask, self.run_dir.file("models", f"milestone_{target:.2f}"), self.tokenizer)
             if metrics is None:
                 metrics = (evaluate_point(resolved, ctx, self.run_dir, f"milestone_{target:.2f}")
                            if resolved.evaluators else {})
+                if recover:
+                    metrics = self.recovery.at_point(self, k, [t for t, _ in points], metrics)
             report = {key: round(v, 4) for key, v in sparsity_report(mask, ctx.structures).items()}
             self.record_row({"step": k, **report, "target": target,
                              "parameters": kept_parameter_count(ctx.adapter, mask, ctx.structures.costs),
@@ -410,7 +379,8 @@ class _Run:
         """The calibration regenerations step ``k``'s milestones ask for (none after the last step)."""
         resolved = self.resolved
         for target, rho in points:
-            if rho > 0 and k < len(self.steps) and resolved.calibration.regenerable:
+            if rho > 0 and k < len(self.steps) and self.pending(k + 1, self.steps[k]) \
+                    and resolved.calibration.regenerable:
                 self.samples = resolved.calibration.regenerate(self.ctx, self.samples, rho)
                 kill_point("generate")
                 self.generation += 1
@@ -427,6 +397,8 @@ class _Run:
             info["milestones_not_reached"] = missed
             self.progress.log(f"warning: milestones {missed} were not reached (the last step measured "
                               f"{previous:.4f}); raise schedule.params.target")
+        if self.recovery is not None:  # the recovered weights into the masked model, for model/ and the exports
+            info.update(self.recovery.finish(self))
         if recipe.output.save_model and "compacted" in recipe.output.formats:
             compact_model, record_json = compacted_copy(model, mask)  # shares every uncut tensor with model
             result.compaction_max_abs_diff = compaction_check(model, compact_model, self.samples,
@@ -443,15 +415,3 @@ class _Run:
         self.record.write(status="finished", final_sparsity=sparsity_of(mask, self.ctx.structures))
         shutil.rmtree(self.run_dir.file(CHECKPOINT_DIR), ignore_errors=True)
         return result
-
-
-@torch.no_grad()
-def compaction_check(masked, compact, samples, pad_id: int, n: int = 8) -> float:
-    """Max |logit difference| between the masked and compacted models on calibration sequences."""
-    calib = CalibrationSet(samples[:n], pad_id)
-    batch = next(calib.batches(n, "full"))
-    device = next(masked.parameters()).device
-    a = masked(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
-    b = compact(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
-    keep = batch.attention_mask.to(device).bool()
-    return float((a - b).abs()[keep].max())

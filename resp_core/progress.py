@@ -85,7 +85,9 @@ class RichProgressReporter(Progress):
             TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=True,
         ) as bar:
             tid = bar.add_task(description, total=total)
-            yield lambda n=1: bar.advance(tid, n)
+            # advance(n, description=...): a new description too (a training loss)
+            yield lambda n=1, description=None: bar.update(tid, advance=n, **(
+                {"description": description} if description else {}))
 
     def log(self, message: str) -> None:
         self.console.print(f"[dim]{message}[/]", highlight=False)
@@ -109,17 +111,18 @@ class PlainProgressReporter(Progress):
     @contextmanager
     def task(self, description: str, total: int):
         start = self.clock()
-        state = {"done": 0, "last": start}
+        state = {"done": 0, "last": start, "text": description}
 
-        def advance(n: int = 1) -> None:
+        def advance(n: int = 1, description: str | None = None) -> None:  # description: a new one (a loss)
             state["done"] += n
+            state["text"] = description or state["text"]
             now = self.clock()
             if now - state["last"] >= self.interval and total:
                 state["last"] = now
                 done, elapsed = state["done"], now - start
                 eta = elapsed / done * (total - done) if done else float("nan")
                 eta_s = format_seconds(eta) if eta == eta else "?"
-                self._print(f"{description}: {done}/{total} ({done / total:.0%}), "
+                self._print(f"{state['text']}: {done}/{total} ({done / total:.0%}), "
                             f"{format_seconds(elapsed)} elapsed, ETA {eta_s}")
 
         yield advance

@@ -117,6 +117,15 @@ class OutputSection(_Strict):
         return v
 
 
+class RecoverySection(_Strict):
+    """``recovery: {name, params, at}``: training after pruning (resp_core/recovery/); ``at: final``
+    after the last step, ``milestones`` after every milestone, each before it is evaluated."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    at: Literal["final", "milestones"] = "final"
+
+
 class SharedSections(_Strict):
     """What a run and a comparison of runs both name: one model, task, structures and data."""
 
@@ -151,6 +160,7 @@ class Recipe(SharedSections):
     schedule: PluginRef
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     output: OutputSection = Field(default_factory=OutputSection)
+    recovery: RecoverySection | None = None  # none: no training after pruning (the recipe's outputs unchanged)
 
 
 def _first_error(exc: ValidationError, prefix: str = "") -> str:
@@ -340,4 +350,7 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    data = recipe.model_dump(mode="json")
+    if data.get("recovery") is None:  # a recipe without recovery is written as before
+        data.pop("recovery", None)
+    return yaml.safe_dump(data, sort_keys=False)

@@ -53,6 +53,8 @@ BUILTIN_PLUGINS = (
     "resp_plugins.evaluators.task_accuracy",
     "resp_plugins.evaluators.lm_eval_harness",
     "resp_plugins.evaluators.perplexity",
+    "resp_plugins.recovery.self_distill",
+    "resp_plugins.recovery.lora_sft",
 )
 
 # kind (as written in recipes and `respctl plugins`) -> hook name
@@ -64,6 +66,7 @@ KINDS = {
     "evaluator": "register_evaluators",
     "generator": "register_generators",
     "task": "register_tasks",
+    "recovery": "register_recoverers",
 }
 
 

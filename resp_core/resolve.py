@@ -26,6 +26,7 @@ class ResolvedRecipe:
     schedule: Any
     evaluators: list[tuple[str, Any]]
     registry: Registry
+    recovery: Any = None  # the recoverer (``recovery:``), or None
 
     def components(self) -> list[tuple[str, str]]:
         """``(kind, name)`` of every implementation the run uses, the tasks that calibration
@@ -34,6 +35,7 @@ class ResolvedRecipe:
         out = [("task", r.task.name), ("generator", r.generator.name), ("calibration", r.calibration.name),
                ("scorer", r.scorer.name), ("allocator", r.allocator.name), ("schedule", r.schedule.name)]
         out += [("evaluator", name) for name, _ in self.evaluators]
+        out += [("recovery", r.recovery.name)] if r.recovery is not None else []
         for obj in [self.calibration] + [ev for _, ev in self.evaluators]:
             task = getattr(getattr(obj, "params", None), "task", None)
             if isinstance(task, str):
@@ -110,7 +112,11 @@ def _resolve(recipe: Recipe, registry: Registry | None = None, portable: bool = 
         check = getattr(ev, "check_recipe", None)
         if check is not None:
             check(recipe, f"evaluation.evaluators[{i}]")
-    resolved = ResolvedRecipe(recipe, task, generator, calibration, scorer, allocator, schedule, evaluators, reg)
+    recovery = build("recovery", recipe.recovery, "recovery") if recipe.recovery is not None else None
+    if recovery is not None and getattr(recovery, "check_recipe", None) is not None:
+        recovery.check_recipe(recipe, "recovery")
+    resolved = ResolvedRecipe(recipe, task, generator, calibration, scorer, allocator, schedule, evaluators, reg,
+                              recovery)
     check_task_splits(resolved)
     check_against_model(resolved, info)
     return resolved

@@ -76,6 +76,11 @@ def plan(recipe: Path = typer.Argument(..., help="Recipe YAML."),
         table.add_row("", f"KV cache ({seq} tokens)", gib(g["kv_cache"]))
         table.add_row("", "logits of one step", gib(g["step_logits"]))
         table.add_row("", "[bold]generation peak[/]", f"[bold]{gib(g['peak_bytes'])}[/]")
+    if p.recovery is not None:  # resp_core/plan/recovery.py
+        from ..plan.recovery import recovery_rows
+
+        for phase, part, v in recovery_rows(p.recovery):
+            table.add_row(phase, part, gib(v))
     console.print(table)
     t = p.times
     times = Table(title=f"time (estimates from FLOP counts at {mfu:.0%} of {gpu}'s peak)")
@@ -89,6 +94,9 @@ def plan(recipe: Path = typer.Argument(..., help="Recipe YAML."),
     items = ", ".join(f"{e['name']} {e['items']} items x {e['seeds']} seeds" for e in s["evaluators"]) or "none"
     times.add_row(f"evaluation ({items}; {s['milestones'] + int(s['evaluate_dense'])} points)",
                   format_seconds(t["evaluation"]))
+    if p.recovery is not None:
+        r = p.recovery
+        times.add_row(f"recovery ({r['settings']['steps']} steps x {r['points']} points)", format_seconds(t["recovery"]))
     times.add_row("[bold]total[/]", f"[bold]{format_seconds(t['total'])}[/]")
     console.print(times)
     if p.problems:

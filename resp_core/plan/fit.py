@@ -13,6 +13,7 @@ import torch
 from ..errors import RespError
 from .formulas import (DEVICES, DTYPE_BYTES, GRADIENT_SCORERS, GiB, ModelCounts, forward_only_memory,
                        generation_time, hf_generation_memory, kv_bytes_per_token, scoring_flops, scoring_memory)
+from .recovery import recovery_plan
 
 # Hub configs of models the shipped recipes name, for machines without network (the values of
 # each model's config.json on the hub); a local folder or the hub cache is always preferred.
@@ -125,6 +126,7 @@ class Plan:
     times: dict[str, float]
     settings: dict[str, Any]
     problems: list[str] = field(default_factory=list)
+    recovery: dict | None = None  # resp_core/plan/recovery.py (None: the recipe has no recovery)
 
     @property
     def scoring_peak(self) -> float:
@@ -141,7 +143,8 @@ class Plan:
                 "scoring_bytes": self.scoring, "scoring_peak_bytes": self.scoring_peak,
                 "scoring_checkpointed_bytes": self.scoring_checkpointed,
                 "scoring_checkpointed_peak_bytes": self.scoring_checkpointed_peak,
-                "generation": self.generation, "seconds": self.times, "problems": self.problems}
+                "generation": self.generation, "seconds": self.times, "problems": self.problems,
+                **({"recovery": self.recovery} if self.recovery is not None else {})}
 
 
 def _params(ref) -> dict:
@@ -175,7 +178,11 @@ def recipe_settings(recipe, prompt_tokens: int = 256) -> dict:
     sampling = dict(cal.get("sampling") or {})
     new = int(sampling.get("max_new_tokens", cal.get("max_length", 256)))
     sc = _params(recipe.scorer)
-    steps = reg.create("schedule", recipe.schedule.name, _params(recipe.schedule), "schedule").steps()
+    schedule = reg.create("schedule", recipe.schedule.name, _params(recipe.schedule), "schedule")
+    steps = schedule.steps()
+    stop = getattr(schedule, "stop_at", None)
+    if stop is not None:  # a fixed grid the run leaves at its target: its points up to the first at or past it
+        steps = steps[:next((i + 1 for i, st in enumerate(steps) if st.sparsity >= stop), len(steps))]
     measured: dict = {}  # milestones crossed by measured sparsity (``milestones_on: reached``), with their ρ
     for st in steps:
         measured.update(getattr(st, "measured_milestones", None) or {})
@@ -256,9 +263,13 @@ def make_plan(recipe, gpu_memory: int | None = None, gpu: str = "h100", config_f
     times = {"scoring_pass": score_s, "scoring_all_steps": score_s * s["steps"],
              "calibration_generation": calib_gen, "regeneration": regen, "evaluation": ev_s,
              "total": score_s * s["steps"] + calib_gen + regen + ev_s}
+    recovery = recovery_plan(recipe, counts, dtype, s, flops * mfu)
+    if recovery is not None:
+        times["recovery"] = recovery["seconds"]
+        times["total"] += recovery["seconds"]
     plan = Plan(model=recipe.model.path, config_source=source, dtype=dtype, counts=counts, gpu_memory=memory,
                 device=recipe.model.device, scoring=scoring, scoring_checkpointed=ckpt, generation=generation,
-                times=times, settings={**s, "gpu": gpu, "mfu": mfu})
+                times=times, settings={**s, "gpu": gpu, "mfu": mfu}, recovery=recovery)
     plan.problems = fit_problems(plan, memory)
     return plan
 
@@ -298,6 +309,13 @@ def fit_problems(plan: Plan, memory: int) -> list[str]:
     elif gen["peak_bytes"] > memory:
         out.append(f"generation needs {gib(gen['peak_bytes'])} (KV cache {gib(gen['kv_cache'])} at batch "
                    f"{gen['concurrent_sequences']}) but the GPU has {gib(memory)}: lower generator.params.batch_size")
+    rec = plan.recovery
+    if rec is not None and rec["peak_bytes"] > memory:
+        r = rec["settings"]
+        out.append(f"recovery needs {gib(rec['peak_bytes'])} (trained {gib(rec['bytes']['trained'])} + gradients + "
+                   f"AdamW state, activations {gib(rec['bytes']['activations'])} at batch {r['batch_size']} x "
+                   f"{rec['sequence_tokens']} tokens) but the GPU has {gib(memory)}: set recovery.params.batch_size or "
+                   "max_tokens smaller" + (", or mode: lora" if r["mode"] == "full" else ""))
     return out
 
 
