@@ -39,7 +39,9 @@ from .model.adapter import DecoderAdapter
 LayerSaliency = dict[str, torch.Tensor]
 
 PARTS = ("q", "k", "v", "o", "gate", "up", "down")
-REDUCTIONS = ("sample_mean", "token_mean")
+REDUCTIONS = ("sample_mean", "token_mean", "batch_token_mean")
+# (padded length above which, the authors' batch size): :func:`authors_batch_size`
+_AUTHORS_BATCHES = ((512, 1), (256, 4), (128, 8), (64, 16), (31, 32))
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -174,6 +176,28 @@ def _first_nonfinite_site(adapter: DecoderAdapter, body, ids, att) -> str:
     return found[0] if found else "layer: none, unit kind: none (decoder outputs finite; the output head overflows)"
 
 
+def authors_batch_size(length: int) -> int:
+    """The authors' scoring batch size for a set padded to ``length`` tokens: >512: 1, 257-512: 4,
+    129-256: 8, 65-128: 16, 32-64: 32, <32: 64 (uncc-efficient-ai/RESP ``non_uniform_pruner.py``
+    ``fill_information``)."""
+    return next((size for longer_than, size in _AUTHORS_BATCHES if length > longer_than), 64)
+
+
+def batch_token_weights(calibration: CalibrationSet, loss: str) -> list[float]:
+    """Per-sample token weights of ``batch_token_mean``: the samples cut in order into batches of
+    :func:`authors_batch_size` (the set's longest sample); a token of batch b (B_b samples, T_b
+    target tokens) weighs B_b / (T_b · N), N the set's samples (theirs: ``loss * batch_size``,
+    then ``grad / n_samples``).  A batch without target tokens weighs nothing."""
+    rows = [len(s.prompt_ids) + len(s.target_ids) for s in calibration.samples]
+    size = authors_batch_size(min(max(rows, default=0), calibration.max_length or 1 << 62))
+    counts = [int(c) for b in calibration.batches(1, loss) for c in (b.labels[:, 1:] != -100).sum(1)]
+    out: list[float] = []
+    for start in range(0, len(counts), size):
+        chunk = counts[start:start + size]
+        out += [len(chunk) / (sum(chunk) * len(counts)) if sum(chunk) else 0.0] * len(chunk)
+    return out
+
+
 def gradient_pass(model, adapter: DecoderAdapter, calibration: CalibrationSet, loss: str = "decode",
                   reduction: str = "token_mean", batch_size: int = 16, gradient_checkpointing: bool = False,
                   progress=None, description: str = "Scoring", step: int = 0) -> GradientPass:
@@ -193,6 +217,8 @@ def gradient_pass(model, adapter: DecoderAdapter, calibration: CalibrationSet, l
     * ``token_mean``: L = Σ_s Σ_t ℓ_{s,t} / Σ_s |T_s| — one token-weighted mean over the set
       (ours, and LLM-Pruner's ``labels=input_ids`` loss).  Long traces weigh more; it is *not*
       a constant multiple of ``sample_mean`` when lengths differ, so rankings can differ.
+    * ``batch_token_mean``: the authors' batches exactly (:func:`batch_token_weights`; one sample
+      per batch past 512 tokens, i.e. ``sample_mean`` there); ``batch_size`` only sets memory.
 
     Only the projection weights require gradients (embeddings, norms and head are frozen for the
     pass).  The output head runs only on labelled positions (see the module docstring).  bf16 /
@@ -206,6 +232,8 @@ def gradient_pass(model, adapter: DecoderAdapter, calibration: CalibrationSet, l
     params = [lin.weight for lin in adapter.prunable_linears().values()]
     batches = list(calibration.batches(batch_size, loss))
     counts = [(b.labels[:, 1:] != -100).sum(1) for b in batches]
+    weights = (torch.tensor(batch_token_weights(calibration, loss), dtype=torch.float64).split(batch_size)
+               if reduction == "batch_token_mean" else None)
     total_tokens = int(sum(int(c.sum()) for c in counts))
     n_samples = int(sum(int((c > 0).sum()) for c in counts))
     if total_tokens == 0:
@@ -259,7 +287,8 @@ def gradient_pass(model, adapter: DecoderAdapter, calibration: CalibrationSet, l
                 if reduction == "token_mean":
                     objective = nll.sum() / total_tokens
                 else:  # each sample's tokens weigh 1 / (its target count · samples with targets)
-                    row_w = 1.0 / (n_tok.clamp_min(1).to(torch.float64) * n_samples)
+                    row_w = 1.0 / (n_tok.clamp_min(1).to(torch.float64) * n_samples) if weights is None \
+                        else weights[k - 1]  # the authors' batches: B_b / (T_b · N)
                     tok_w = row_w[:, None].expand_as(where)[where].to(device=nll.device, dtype=nll.dtype)
                     objective = (nll * tok_w).sum()
                 value = float(objective.detach())

@@ -412,8 +412,9 @@ def test_protect_rounding_floor_is_the_authors_int():
 # The vectorized global allocator against a unit-by-unit loop
 # --------------------------------------------------------------------------------------------------
 
-def _reference_allocate(scores, structures, mask, target, budget="parameters"):
-    """The allocator written as a plain loop over units in score order (the specification)."""
+def _reference_allocate(scores, structures, mask, target, budget="parameters", threshold="skip_overshoot"):
+    """The allocator written as a plain loop over units in score order (the specification);
+    ``kthvalue``: no unit is skipped for overshooting, the loop stops once the budget is reached."""
     new, e, g = mask.clone(), mask.effective(), structures.geometry
     kinds = structures.kinds
     count = budget == "count"
@@ -444,7 +445,7 @@ def _reference_allocate(scores, structures, mask, target, budget="parameters"):
         cost = 1.0 if count else float(structures.costs[kind][layer, unit])
         if kind == "q_head" and kv_counts and heads_left[(layer, group[unit])] == 1:
             cost += float(structures.kv_only[layer, group[unit]])
-        if removed + cost > limit and (removed + cost - limit) >= (limit - removed):
+        if threshold == "skip_overshoot" and removed + cost > limit and (removed + cost - limit) >= (limit - removed):
             continue
         new[kind][layer, unit] = False
         alive_count[kind][layer] -= 1
@@ -472,7 +473,8 @@ def gqa4():
     dict(layers=True),
 ])
 @pytest.mark.parametrize("budget", ["parameters", "count"])
-def test_vectorized_equals_reference(gqa4, spec, budget):
+@pytest.mark.parametrize("threshold", ["skip_overshoot", "kthvalue"])
+def test_vectorized_equals_reference(gqa4, spec, budget, threshold):
     s = build_structures(gqa4, StructureSpec(**spec))
     g = gqa4.geometry
     gen = torch.Generator().manual_seed(hash((tuple(sorted(spec.items())), budget)) % 2**31)
@@ -488,8 +490,8 @@ def test_vectorized_equals_reference(gqa4, spec, budget):
                 if k != "layer":
                     start[k][torch.rand(sh, generator=gen) < 0.15] = False
         for target in (0.0, 0.07, 0.23, 0.41, 0.66, 0.9):
-            got = global_allocate(Scores(v), s, start, target, budget)
-            want = _reference_allocate(Scores(v), s, start, target, budget)
+            got = global_allocate(Scores(v), s, start, target, budget, threshold)
+            want = _reference_allocate(Scores(v), s, start, target, budget, threshold)
             assert got == want, (trial, target)
 
 

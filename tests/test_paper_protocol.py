@@ -377,24 +377,27 @@ def test_paper_mode_fills_what_the_recipe_leaves_unset():
     r = parse_recipe(data)
     assert (r.structures.attention, r.structures.sparsity_basis, r.structures.protect_rounding) == \
         ("kv_group", "all_blocks", "floor")
-    assert r.scorer.params == {"loss": "full", "reduction": "sample_mean"}
+    assert r.scorer.params == {"loss": "full", "reduction": "batch_token_mean"}
     assert r.task.params == {"prompt_suffix": "", "reference_annotations": "keep"}
     assert r.schedule.params["step_size"] == 0.0063 and r.schedule.params["milestones_on"] == "reached"
+    assert r.schedule.params["grid_end"] == 0.7 and r.allocator.params == {"threshold": "kthvalue", "budget": "count"}
     assert r.evaluation.evaluators[0].params["tasks"] == ["resp_gsm8k_cot_paper"]
     assert r.allocator.name == "global"
     proto = r.protocol()
     assert proto["kept"] == {"structures.attention": {"recipe": "kv_group", "paper": "q_head"},
                              "scorer.params.loss": {"recipe": "full", "paper": "decode"}}
     assert proto["applied"]["structures.sparsity_basis"] == "all_blocks"
-    assert proto["applied"]["scorer.params.reduction"] == "sample_mean"
+    assert proto["applied"]["scorer.params.reduction"] == "batch_token_mean"
     # default mode: nothing filled
     plain = parse_recipe(dict(data, mode="default"))
     assert plain.structures.sparsity_basis == "prunable_blocks" and plain.protocol() == {}
-    # a spacing the recipe sets is kept (steps and step_size are one setting)
+    # a spacing the recipe sets is kept (steps, step_size and grid_end are one setting)
     data["schedule"]["params"]["steps"] = 4
     r = parse_recipe(data)
     assert "step_size" not in r.schedule.params and r.schedule.params["steps"] == 4
     assert r.protocol()["kept"]["schedule.params.step_size"] == {"recipe": {"steps": 4}, "paper": 0.0063}
+    assert r.protocol()["kept"]["schedule.params.grid_end"] == {"recipe": {"steps": 4}, "paper": 0.7}
+    assert r.allocator.params == {"threshold": "kthvalue"}  # no fixed grid: the parameter budget stays
 
 
 def test_paper_mode_wanda_gets_the_authors_protocol():
@@ -414,8 +417,9 @@ def test_paper_mode_wanda_gets_the_authors_protocol():
     assert wanda.schedule == {"name": "oneshot"} and wanda.allocator.name == "uniform"
     assert wanda.calibration.params == {"num_samples": 8, "format": "chat", "enable_thinking": True, "pack": 256}
     assert wanda.scorer.params == {"sequential": True}
-    assert gisp.calibration is None and gisp.scorer.params == {"reduction": "sample_mean", "loss": "decode"}
-    assert gisp.schedule == {"step_size": 0.0063, "milestones_on": "reached"}
+    assert gisp.calibration is None and gisp.scorer.params == {"reduction": "batch_token_mean", "loss": "decode"}
+    assert gisp.schedule == {"step_size": 0.0063, "milestones_on": "reached", "grid_end": 0.7}
+    assert gisp.allocator.params == {"threshold": "kthvalue", "budget": "count"}
     assert resp.schedule == {"steps": 3, "milestones_on": "reached"}
     kept = cmp.protocol()["kept"]
     assert kept["methods[RESP].schedule.step_size"] == {"recipe": {"steps": 3}, "paper": 0.0063}
@@ -439,7 +443,7 @@ def test_paper_mode_is_recorded_in_the_run(tmp_path, tiny_model_dir):
     assert info["protocol"]["kept"]["schedule.params.step_size"] == {"recipe": {"steps": 4}, "paper": 0.0063}
     saved = yaml.safe_load((out / "recipe.yaml").read_text())
     assert saved["mode"] == "paper" and saved["structures"]["sparsity_basis"] == "all_blocks"
-    assert saved["scorer"]["params"]["reduction"] == "sample_mean"
+    assert saved["scorer"]["params"]["reduction"] == "batch_token_mean"
 
 
 def test_compare_method_starts_from_an_earlier_methods_milestone(tmp_path, tiny_model_dir):
@@ -462,7 +466,7 @@ def test_compare_method_starts_from_an_earlier_methods_milestone(tmp_path, tiny_
     assert result.exit_code == 0, result.output
     info = json.loads((out / "runs" / "rho-0-5" / "run.json").read_text())
     assert info["init_from"]["path"] == str(out / "runs" / "resp-w-o-regen" / "masks" / "milestone_0.20.safetensors")
-    assert info["mode"] == "paper" and info["protocol"]["applied"]["scorer.params.reduction"] == "sample_mean"
+    assert info["mode"] == "paper" and info["protocol"]["applied"]["scorer.params.reduction"] == "batch_token_mean"
     assert "structures.sparsity_basis" in info["protocol"]["applied"]
     assert (out / "runs" / "rho-0-5" / "calibration" / "generation_01.jsonl").is_file()
     rows = json.loads((out / "results.json").read_text())["rows"]
@@ -561,7 +565,8 @@ def test_validate_reports_what_paper_mode_filled_and_kept(tmp_path):
     path.write_text(yaml.safe_dump(recipe))
     result = CliRunner().invoke(app, ["validate", str(path)])
     assert result.exit_code == 0, result.output
-    assert "mode paper: 7 settings set to the authors' protocol" in result.output  # structures: 3 + min_keep
+    # structures: 3 + min_keep, reduction, milestones_on, task, allocator threshold
+    assert "mode paper: 8 settings set to the authors' protocol" in result.output
     assert "structures.attention = kv_group (authors': q_head)" in result.output
 
 

@@ -20,6 +20,18 @@
     ``inf``, pruned units scoring 0).  The schedule's target is then a count ratio, not a
     sparsity (the authors' ``ratio: 0.7``); milestones are judged on the measured sparsity.
 
+  Two thresholds (``params.threshold``), i.e. what happens at the unit that would overshoot:
+
+  - ``skip_overshoot`` (RESP's default): the unit is skipped when it overshoots the budget by
+    more than it closes the gap (above), and cheaper units further down the order fill the gap;
+    a costly head can so be postponed behind channels that score higher.
+  - ``kthvalue`` (the authors', set by ``mode: paper``): the removal is always a prefix of the
+    ascending order, the shortest one that reaches the budget, so exactly the k lowest-scored
+    units go whatever their size (``prune_oneshot``: every unit scoring at most the ``kthvalue``
+    threshold is removed; ties here are broken by position, there all tied units go).  Under
+    ``budget: count`` every unit costs 1 and nothing can overshoot: both thresholds remove the
+    same k units.
+
   The ranking is vectorized: one stable sort of all candidates, a cumulative sum of their costs
   up to the first unit that does not fit, then a short exact walk over the remaining units for
   the last gap (where skipping, ``min_keep`` and the k/v cost of a group's last head can change
@@ -51,16 +63,17 @@ class GlobalRank(Allocator):
 
     class Params(Params):
         budget: Literal["parameters", "count"] = "parameters"
+        threshold: Literal["skip_overshoot", "kthvalue"] = "skip_overshoot"
 
     def __init__(self, params=None):
         self.params = params or self.Params()
 
     def allocate(self, scores: Scores, structures: Structures, mask: MaskSet, target: float) -> MaskSet:
-        return global_allocate(scores, structures, mask, target, self.params.budget)
+        return global_allocate(scores, structures, mask, target, self.params.budget, self.params.threshold)
 
 
 def global_allocate(scores: Scores, structures: Structures, mask: MaskSet, target: float,
-                    budget: str = "parameters") -> MaskSet:
+                    budget: str = "parameters", threshold: str = "skip_overshoot") -> MaskSet:
     """The ``global`` allocator's removal (see the module docstring)."""
     new = mask.clone()
     e = mask.effective()
@@ -136,6 +149,12 @@ def global_allocate(scores: Scores, structures: Structures, mask: MaskSet, targe
         cost = torch.where(is_last, cost + kv_bonus, cost)
     paid = torch.where(eligible, cost, torch.zeros_like(cost))
     cum = removed + torch.cumsum(paid, 0)
+    if threshold == "kthvalue":  # the shortest prefix of the order that reaches the budget
+        reach = eligible & (cum >= limit)
+        p = int(reach.nonzero()[0]) + 1 if bool(reach.any()) else n
+        take = torch.zeros(n, dtype=torch.bool)
+        take[:p] = eligible[:p]
+        return _apply_take(new, kinds, take, kind_ix, layer_ix, unit_ix)
     over = eligible & (cum > limit)
     p = int(over.nonzero()[0]) if bool(over.any()) else n
     take = torch.zeros(n, dtype=torch.bool)
@@ -175,6 +194,10 @@ def global_allocate(scores: Scores, structures: Structures, mask: MaskSet, targe
             ptr += j + 1
             window = 256
 
+    return _apply_take(new, kinds, take, kind_ix, layer_ix, unit_ix)
+
+
+def _apply_take(new: MaskSet, kinds, take, kind_ix, layer_ix, unit_ix) -> MaskSet:
     for ki, kind in enumerate(kinds):
         sel = take & (kind_ix == ki)
         new[kind][layer_ix[sel], unit_ix[sel]] = False

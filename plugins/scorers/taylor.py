@@ -20,6 +20,16 @@ what is ours:
   is one token-weighted mean over the whole set.  The two are **not** equivalent: with traces of
   different lengths each sample's gradient is weighted 1/|T_s| in one and 1 in the other, so the
   gradients are not proportional and rankings can differ (tests/test_scoring_pass.py pins both).
+  ``batch_token_mean`` (set by ``mode: paper``) is the authors' batching exactly
+  (``non_uniform_pruner.py`` ``fill_information``, single-device ``downstream`` branch): every
+  trace is right-padded to the set's longest, the set is cut in order into batches whose size
+  follows that padded length (over 512 tokens 1, 257-512: 4, 129-256: 8, 65-128: 16, 32-64: 32,
+  under 32: 64), each batch's loss is the token mean over its target tokens (transformers' loss)
+  times its size, and the gradient is divided by the sample count.  A token of a sample in batch
+  b weighs B_b / (T_b · N): on sets padded past 512 tokens (their 2048-token traces) that is
+  ``sample_mean``; on shorter sets (the testbed's) traces are token-weighted inside each batch.
+  ``batch_size`` sets only the memory batches (tests/test_protocol_points.py pins the gradient
+  against their batch-by-batch computation).
 * Normalization (``normalize: block_constant``, default): the authors divide every score of a
   block type by one constant — a query head by 4·head_dim·hidden, an MLP channel by
   3·intermediate (``structural_size``) — and shift scores to be non-negative (ours already are).
@@ -55,7 +65,7 @@ class TaylorScorer(Scorer):
 
     class Params(Params):
         loss: Literal["decode", "full"] = "decode"
-        reduction: Literal["sample_mean", "token_mean"] = "sample_mean"
+        reduction: Literal["sample_mean", "token_mean", "batch_token_mean"] = "sample_mean"
         normalize: Literal["block_constant", "per_parameter", "mean", "none"] = "block_constant"
         granularity: Literal["element", "group"] = "element"  # |Σ_S w·g| when 'group'
         batch_size: int = Field(16, ge=1)  # no effect on the scores, only on memory and speed

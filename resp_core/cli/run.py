@@ -132,9 +132,12 @@ def validate(recipe: Path = typer.Argument(..., help="Recipe YAML to check."),
 
         check_fits(resolved.recipe)  # on a GPU: the memory plan must fit
     steps = resolved.schedule.steps()
+    stop = getattr(resolved.schedule, "stop_at", None)  # a fixed grid that the run leaves at its target
+    extent = (f"a grid of {len(steps)} steps to {steps[-1].sparsity:.0%}, left once {stop:.0%} is reached"
+              if stop is not None else f"{len(steps)} steps to {steps[-1].sparsity:.0%}")
     console.print(f"[green]ok[/] {source}: {resolved.recipe.name}; scorer {resolved.recipe.scorer.name}, "
-                  f"calibration {resolved.recipe.calibration.name}, {len(steps)} steps to "
-                  f"{steps[-1].sparsity:.0%} with milestones {[s.sparsity for s in steps if s.milestone]}")
+                  f"calibration {resolved.recipe.calibration.name}, {extent} "
+                  f"with milestones {_milestones(steps)}")
     protocol_line(resolved.recipe)
     if portable:
         console.print("(--portable: the device and a hub model missing from the local cache were not checked)")
@@ -162,3 +165,10 @@ def export_model(run_dir: Path = typer.Argument(..., help="A run folder (finishe
         err_console.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
     console.print(f"{res['format']} model of {res['mask']} (weights: {res['weights_from']}) written to "
                   f"{res['out']} ({res['bytes'] / 1e6:.1f} MB)", highlight=False, soft_wrap=True)
+
+
+def _milestones(steps) -> list[float]:
+    """The milestones a schedule names: steps that are milestones, or those judged on the measured
+    sparsity (``milestones_on: reached``), which a step carries without being one."""
+    measured = sorted({m for s in steps for m in s.measured_milestones})
+    return measured or [s.sparsity for s in steps if s.milestone]
