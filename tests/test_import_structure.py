@@ -21,7 +21,8 @@ GROUND = ["resp_core.errors", "resp_core.validation", "resp_core.stats", "resp_c
           "resp_core.metric_keys", "resp_core.option_bounds", "resp_core.fingerprint", "resp_core.hookspecs"]
 LOWER = ["resp_core.model", "resp_core.interfaces", "resp_core.scoring", "resp_core.activations",
          "resp_core.atomic_io", "resp_core.run_record", "resp_core.rng_state", "resp_core.rundir",
-         "resp_core.model_source", "resp_core.text_source", "resp_core.hub", "resp_core.recovery"]
+         "resp_core.model_source", "resp_core.text_source", "resp_core.hub", "resp_core.recovery",
+         "resp_core.decode_timing"]
 UPPER = ["resp_core.recipe", "resp_core.resolve", "resp_core.pipeline", "resp_core.compare", "resp_core.cli",
          "resp_core.bench", "resp_core.plan", "resp_core.export", "resp_core.checkpoint", "resp_core.recovery_stage",
          "resp_core.run_context", "resp_plugins"]

@@ -7,7 +7,8 @@ import statistics
 
 import torch
 
-from .overhead import _sync, random_calibration, scoring_contenders
+from ..decode_timing import sync_device
+from .overhead import random_calibration, scoring_contenders
 from .speedup import SpeedupConfig, compaction_speedup
 
 QWEN3_8B = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
@@ -52,13 +53,13 @@ def gpu_check(device: str = "cuda", traces: int = 8, trace_len: int = 2048, prom
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     fns["scoring"]()  # warm-up, and the peak
-    _sync(device)
+    sync_device(device)
     peak = torch.cuda.max_memory_allocated(device) if torch.device(device).type == "cuda" else None
     times = []
     for _ in range(repeats):
         t0 = _time.perf_counter()
         fns["scoring"]()
-        _sync(device)
+        sync_device(device)
         times.append(_time.perf_counter() - t0)
     t = statistics.median(times)
     tokens = traces * trace_len

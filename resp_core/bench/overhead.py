@@ -4,27 +4,13 @@ models and calibration data every measurement of ``respctl bench`` uses."""
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
+from ..decode_timing import alternating_times, sync_device
 from ..interfaces import CalibrationSample, CalibrationSet, Progress, RunContext
 from ..model.adapter import adapter_for
 from ..model.structures import StructureSpec, build_structures
-
-
-def alternating_times(fns: dict, repeats: int, swap: bool = False) -> dict[str, list[float]]:
-    """Seconds of every call of each contender, the contenders called in turn ``repeats`` times;
-    ``swap``: every other round in reverse order (A B, B A, A B, ...), so that a linear drift of
-    the machine's speed hits both alike."""
-    times = {k: [] for k in fns}
-    for r in range(repeats):
-        order = list(fns.items())
-        for k, fn in (order[::-1] if swap and r % 2 else order):
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return times
 
 
 def _alternating(fns: dict, repeats: int) -> dict[str, float]:
@@ -103,17 +89,12 @@ def scoring_contenders(model, samples: list[CalibrationSample], pad_id: int, bat
             "gradient_pass": own_gradient_pass}
 
 
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def scoring_overhead(model, samples: list[CalibrationSample], pad_id: int, batch_size: int, repeats: int = 3) -> dict:
     """Scoring pass / fair floor / plain forward+backward / its own gradient pass on the same
     batches (medians)."""
     fns = scoring_contenders(model, samples, pad_id, batch_size)
     device = next(model.parameters()).device
-    timed = {k: (lambda f=f: (f(), _sync(device))) for k, f in fns.items()}
+    timed = {k: (lambda f=f: (f(), sync_device(device))) for k, f in fns.items()}
     for f in timed.values():
         f()  # warm-up
     t = _alternating(timed, repeats)

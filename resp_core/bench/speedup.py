@@ -12,7 +12,8 @@ from ..model.adapter import adapter_for
 from ..model.compaction import compacted_copy
 from ..model.masks import MaskSet, apply_mask, sparsity_of
 from ..model.structures import StructureSpec, build_structures
-from .overhead import _alternating, _sync, random_qwen3
+from ..decode_timing import fixed_length_decoder, sync_device, unique_parameter_count
+from .overhead import _alternating, random_qwen3
 
 
 @dataclass
@@ -29,27 +30,6 @@ class SpeedupConfig:
     prompt_tokens: int = 32
     prefill_batch: int = 8
     prefill_len: int = 256
-
-
-def _unique_params(model) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-def fixed_length_decoder(model, batches: list, new_tokens: int, pad_token_id: int, device: str):
-    """A call that decodes exactly ``new_tokens`` tokens greedily (KV cache; end-of-sequence
-    suppressed: ``min_new_tokens = max_new_tokens``) after each ``(input_ids, attention_mask or
-    None)`` batch and waits for the device, so that two models' times differ only by speed."""
-
-    @torch.no_grad()
-    def run():
-        for ids, att in batches:
-            out = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, do_sample=False, use_cache=True,
-                                 pad_token_id=pad_token_id)
-            if out.shape[1] - ids.shape[1] != new_tokens:
-                raise RuntimeError(f"generated {out.shape[1] - ids.shape[1]} tokens, not {new_tokens}")
-        _sync(device)
-    return run
 
 
 @torch.no_grad()
@@ -75,7 +55,7 @@ def compaction_speedup(cfg: SpeedupConfig, repeats: int = 5, attention: str = "k
     apply_mask(adapter, mask)
     compact, _ = compacted_copy(dense, mask)
     compact.eval()
-    n_dense, n_compact = _unique_params(dense), _unique_params(compact)
+    n_dense, n_compact = unique_parameter_count(dense), unique_parameter_count(compact)
 
     prompt = torch.randint(5, vocab, (1, cfg.prompt_tokens), generator=g).to(device)
     prefill = torch.randint(5, vocab, (cfg.prefill_batch, cfg.prefill_len), generator=g).to(device)
@@ -86,7 +66,7 @@ def compaction_speedup(cfg: SpeedupConfig, repeats: int = 5, attention: str = "k
     def prefiller(m):
         def run():
             m(input_ids=prefill, use_cache=False)
-            _sync(device)
+            sync_device(device)
         return run
 
     # equal output check before timing

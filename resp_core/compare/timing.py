@@ -6,8 +6,8 @@ heads and channels physically removed).  Each is loaded next to the dense model,
 and both decode the same ``prompts`` (the first of the task's test split, chat template applied,
 in batches of ``batch_size``, left-padded) for exactly ``new_tokens`` greedy tokens (end of
 sequence suppressed), once each untimed, then in ``repeats`` rounds, the order swapped every other
-round (:func:`resp_core.bench.overhead.alternating_times`, the decoder of ``respctl bench``:
-:func:`resp_core.bench.speedup.fixed_length_decoder`).  A round's time covers the prompts' prefill
+round (:func:`resp_core.decode_timing.alternating_times`, the decoder ``respctl bench`` uses too:
+:func:`resp_core.decode_timing.fixed_length_decoder`).  A round's time covers the prompts' prefill
 and the decoding; divided by ``prompts · new_tokens`` it is the time per generated token.
 
 The record of each milestone is ``speedup/<method>[/path<s>][/<one-shot target>]/milestone_<t>.json``
@@ -86,8 +86,7 @@ def measure_speedups(cmp: CompareRecipe, folder: Path, say=lambda msg: None) -> 
         return 0
     import torch
 
-    from ..bench.overhead import alternating_times
-    from ..bench.speedup import fixed_length_decoder
+    from ..decode_timing import alternating_times, fixed_length_decoder, unique_parameter_count
     from ..generation import pad_token_id
     from ..loading import DTYPES, load_model_and_tokenizer
     from ..model.pruned_model import load_pruned
@@ -101,7 +100,7 @@ def measure_speedups(cmp: CompareRecipe, folder: Path, say=lambda msg: None) -> 
     dense, tok = load_model_and_tokenizer(cmp.model)
     batches, prompt_tokens = _prompt_batches(cmp, task, tok, device)
     sp, pad = cmp.speedup, pad_token_id(tok)
-    n_dense = sum(p.numel() for p in {id(p): p for p in dense.parameters()}.values())
+    n_dense = unique_parameter_count(dense)
     dense_run = fixed_length_decoder(dense, batches, sp.new_tokens, pad, device)
     dense_run()  # warm-up
     for label, sub, target, path_seed, model_dir in todo:
@@ -112,7 +111,7 @@ def measure_speedups(cmp: CompareRecipe, folder: Path, say=lambda msg: None) -> 
         pruned_run = fixed_length_decoder(pruned, batches, sp.new_tokens, pad, device)
         pruned_run()  # warm-up
         times = alternating_times({"dense": dense_run, "pruned": pruned_run}, sp.repeats, swap=True)
-        n_pruned = sum(p.numel() for p in {id(p): p for p in pruned.parameters()}.values())
+        n_pruned = unique_parameter_count(pruned)
         del pruned, pruned_run
         write_json(timing_file(folder, sub, target), {
             "version": RECORD_VERSION, "params": params, "method": label, "path_seed": path_seed,
